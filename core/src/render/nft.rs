@@ -1,0 +1,209 @@
+//! nftables: one table of our own (family `inet`), map lookups per new connection.
+//!
+//! Layout (after CRI-O's, the best found):
+//! - maps `hostipports4/6`: `hostIP . protocol . hostPort -> podIP . containerPort`, looked
+//!   up first; maps `hostports4/6`: `protocol . hostPort -> podIP . containerPort`.
+//! - chain `hostports` does the lookups; base chains `prerouting` and `output` jump there
+//!   only when `fib daddr type local`, so traffic routed *through* the node is never
+//!   translated; `output` also skips loopback destinations.
+//! - sets `hairpin4/6` of `podIP . podIP` and a `postrouting` rule masquerading DNATed
+//!   traffic whose source and destination are the same pod.
+//! - every element carries the comment `sb:<hash of the sandbox id>`.
+//!
+//! [`ruleset`] replaces the whole table in one transaction; [`add_sandbox`] and
+//! [`remove_sandbox`] change one sandbox's elements. A removal re-adds each element with
+//! its value before deleting it, so it succeeds when the element is already gone and fails
+//! (changing nothing) when the key now maps somewhere else.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use crate::model::{IpFamily, SandboxRecord};
+use crate::render::{Dnat, dnats, hairpin_ips};
+
+/// The default table name.
+pub const DEFAULT_TABLE: &str = "randport";
+
+/// One element of one of our maps or sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Element {
+    set: &'static str,
+    key: String,
+    value: Option<String>,
+    tag: String,
+}
+
+fn suffix(ip: &IpAddr) -> &'static str {
+    match IpFamily::of(ip) {
+        IpFamily::V4 => "4",
+        IpFamily::V6 => "6",
+    }
+}
+
+fn dnat_element(tag: &str, d: Dnat<'_>) -> Element {
+    let m = d.mapping;
+    let proto = m.protocol.as_lower();
+    let (set, key) = match m.host_ip {
+        Some(host_ip) => (
+            if suffix(&host_ip) == "4" {
+                "hostipports4"
+            } else {
+                "hostipports6"
+            },
+            format!("{host_ip} . {proto} . {}", m.host_port),
+        ),
+        None => (
+            if suffix(&d.pod_ip) == "4" {
+                "hostports4"
+            } else {
+                "hostports6"
+            },
+            format!("{proto} . {}", m.host_port),
+        ),
+    };
+    Element {
+        set,
+        key,
+        value: Some(format!("{} . {}", d.pod_ip, m.container_port)),
+        tag: tag.to_owned(),
+    }
+}
+
+fn elements(record: &SandboxRecord) -> Vec<Element> {
+    let tag = record.sandbox.tag();
+    let mut out: Vec<Element> = dnats(record).map(|d| dnat_element(&tag, d)).collect();
+    out.extend(hairpin_ips(record).into_iter().map(|ip| Element {
+        set: if suffix(&ip) == "4" {
+            "hairpin4"
+        } else {
+            "hairpin6"
+        },
+        key: format!("{ip} . {ip}"),
+        value: None,
+        tag: tag.clone(),
+    }));
+    out
+}
+
+fn element_text(e: &Element, with_comment: bool) -> String {
+    let comment = if with_comment {
+        format!(" comment \"{}\"", e.tag)
+    } else {
+        String::new()
+    };
+    match &e.value {
+        Some(value) => format!("{}{comment} : {value}", e.key),
+        None => format!("{}{comment}", e.key),
+    }
+}
+
+/// Our maps and sets: name, declared type, what it holds.
+const SETS: [(&str, &str, &str); 6] = [
+    (
+        "hostipports4",
+        "map",
+        "ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service",
+    ),
+    (
+        "hostipports6",
+        "map",
+        "ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service",
+    ),
+    (
+        "hostports4",
+        "map",
+        "inet_proto . inet_service : ipv4_addr . inet_service",
+    ),
+    (
+        "hostports6",
+        "map",
+        "inet_proto . inet_service : ipv6_addr . inet_service",
+    ),
+    ("hairpin4", "set", "ipv4_addr . ipv4_addr"),
+    ("hairpin6", "set", "ipv6_addr . ipv6_addr"),
+];
+
+/// The whole table with every sandbox's elements, as one `nft -f` transaction that
+/// creates the table if missing, deletes it and builds it anew (atomically).
+pub fn ruleset(table: &str, records: &[SandboxRecord]) -> String {
+    let mut sorted: Vec<&SandboxRecord> = records.iter().collect();
+    sorted.sort_by(|a, b| a.sandbox.cmp(&b.sandbox));
+    let all: Vec<Element> = sorted.iter().flat_map(|r| elements(r)).collect();
+
+    let mut out = String::new();
+    let _ = writeln!(out, "table inet {table} {{}}");
+    let _ = writeln!(out, "delete table inet {table}");
+    let _ = writeln!(out, "table inet {table} {{");
+    for (name, kind, ty) in SETS {
+        let _ = writeln!(out, "\t{kind} {name} {{");
+        let _ = writeln!(out, "\t\ttype {ty}");
+        let members: Vec<String> = all
+            .iter()
+            .filter(|e| e.set == name)
+            .map(|e| element_text(e, true))
+            .collect();
+        if !members.is_empty() {
+            let _ = writeln!(
+                out,
+                "\t\telements = {{\n\t\t\t{}\n\t\t}}",
+                members.join(",\n\t\t\t")
+            );
+        }
+        let _ = writeln!(out, "\t}}");
+    }
+    out.push_str(CHAINS);
+    out.push_str("}\n");
+    out
+}
+
+/// The chains: lookups reached only for local destinations, and hairpin masquerade.
+const CHAINS: &str = "\tchain hostports {
+\t\tmeta nfproto ipv4 dnat ip to ip daddr . meta l4proto . th dport map @hostipports4
+\t\tmeta nfproto ipv4 dnat ip to meta l4proto . th dport map @hostports4
+\t\tmeta nfproto ipv6 dnat ip6 to ip6 daddr . meta l4proto . th dport map @hostipports6
+\t\tmeta nfproto ipv6 dnat ip6 to meta l4proto . th dport map @hostports6
+\t}
+\tchain prerouting {
+\t\ttype nat hook prerouting priority -100; policy accept;
+\t\tfib daddr type local goto hostports
+\t}
+\tchain output {
+\t\ttype nat hook output priority -100; policy accept;
+\t\tmeta nfproto ipv4 ip daddr != 127.0.0.0/8 fib daddr type local goto hostports
+\t\tmeta nfproto ipv6 ip6 daddr != ::1 fib daddr type local goto hostports
+\t}
+\tchain postrouting {
+\t\ttype nat hook postrouting priority 100; policy accept;
+\t\tmeta nfproto ipv4 ct status dnat ip saddr . ip daddr @hairpin4 masquerade
+\t\tmeta nfproto ipv6 ct status dnat ip6 saddr . ip6 daddr @hairpin6 masquerade
+\t}
+";
+
+/// The transaction that adds one sandbox's elements to an existing table.
+pub fn add_sandbox(table: &str, record: &SandboxRecord) -> String {
+    let mut out = String::new();
+    for e in elements(record) {
+        let _ = writeln!(
+            out,
+            "add element inet {table} {} {{ {} }}",
+            e.set,
+            element_text(&e, true)
+        );
+    }
+    out
+}
+
+/// The transaction that removes one sandbox's elements; idempotent, see the module docs.
+pub fn remove_sandbox(table: &str, record: &SandboxRecord) -> String {
+    let mut out = String::new();
+    for e in elements(record) {
+        let _ = writeln!(
+            out,
+            "add element inet {table} {} {{ {} }}",
+            e.set,
+            element_text(&e, false)
+        );
+        let _ = writeln!(out, "delete element inet {table} {} {{ {} }}", e.set, e.key);
+    }
+    out
+}
