@@ -240,9 +240,9 @@ pub struct SandboxRecord {
 
 impl SandboxRecord {
     /// The annotation entries for this sandbox, as galaxy writes them: one per mapping,
-    /// with the pod's primary address as `podIP`.
+    /// with the first pod address the mapping sends traffic to as `podIP` (the primary
+    /// address, unless the mapping's hostIP is of the other family).
     pub fn annotation_entries(&self) -> Vec<PortEntry> {
-        let pod_ip = self.pod_ips.first().copied();
         self.mappings
             .iter()
             .map(|m| PortEntry {
@@ -251,7 +251,7 @@ impl SandboxRecord {
                 protocol: m.protocol,
                 host_ip: m.host_ip,
                 pod_name: self.pod.name.clone(),
-                pod_ip,
+                pod_ip: m.targets(&self.pod_ips).next().copied(),
             })
             .collect()
     }
