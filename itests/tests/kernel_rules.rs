@@ -1,0 +1,230 @@
+//! Root-only: every rule text randport-core renders is loaded by the real kernel, in a
+//! fresh network namespace per test (never the root namespace's firewall).
+
+use randport_core::examples;
+use randport_core::render::{iptables, nft};
+use randport_core::{IpFamily, SandboxRecord};
+use randport_itests::{Netns, have, in_ci, root_or_skip};
+
+const TABLE: &str = nft::DEFAULT_TABLE;
+
+/// Root and the tool are needed; under CI both must be there.
+fn ready(test: &str, tool: &str) -> bool {
+    if !root_or_skip(test) {
+        return false;
+    }
+    if !have(tool) {
+        assert!(
+            !in_ci(),
+            "{test}: {tool} is not installed; `just test` installs it"
+        );
+        eprintln!("SKIPPED {test}: {tool} is not installed; `just test` installs it");
+        return false;
+    }
+    true
+}
+
+fn tagged_elements(ns: &Netns) -> usize {
+    ns.run_ok("nft", &["list", "table", "inet", TABLE], "")
+        .matches("comment \"sb:")
+        .count()
+}
+
+fn element_count(records: &[SandboxRecord]) -> usize {
+    records
+        .iter()
+        .map(|r| nft::add_sandbox(TABLE, r).lines().count())
+        .sum()
+}
+
+#[test]
+fn every_rendered_nft_ruleset_passes_nft_check() {
+    if !ready("every_rendered_nft_ruleset_passes_nft_check", "nft") {
+        return;
+    }
+    let ns = Netns::create("nftc");
+    let mut rulesets = vec![
+        nft::ruleset(TABLE, &[]),
+        nft::ruleset(TABLE, &examples::all()),
+        nft::ruleset(TABLE, &examples::many(2000)),
+    ];
+    rulesets.extend(
+        examples::all()
+            .iter()
+            .map(|r| nft::ruleset(TABLE, std::slice::from_ref(r))),
+    );
+    for ruleset in &rulesets {
+        ns.run_ok("nft", &["-c", "-f", "-"], ruleset);
+    }
+    // Transactions need the table: load the empty one, check every addition; load the
+    // full one, check every removal.
+    ns.run_ok("nft", &["-f", "-"], &nft::ruleset(TABLE, &[]));
+    for record in examples::all() {
+        ns.run_ok("nft", &["-c", "-f", "-"], &nft::add_sandbox(TABLE, &record));
+    }
+    ns.run_ok("nft", &["-f", "-"], &nft::ruleset(TABLE, &examples::all()));
+    for record in examples::all() {
+        ns.run_ok(
+            "nft",
+            &["-c", "-f", "-"],
+            &nft::remove_sandbox(TABLE, &record),
+        );
+    }
+}
+
+#[test]
+fn nft_transactions_add_and_remove_exactly_one_sandbox() {
+    if !ready("nft_transactions_add_and_remove_exactly_one_sandbox", "nft") {
+        return;
+    }
+    let ns = Netns::create("nfttx");
+    let all = examples::all();
+    ns.run_ok("nft", &["-f", "-"], &nft::ruleset(TABLE, &[]));
+    assert_eq!(tagged_elements(&ns), 0);
+    for (i, record) in all.iter().enumerate() {
+        ns.run_ok("nft", &["-f", "-"], &nft::add_sandbox(TABLE, record));
+        assert_eq!(tagged_elements(&ns), element_count(&all[..=i]));
+    }
+    // Adding the same sandbox again changes nothing (ADD is idempotent).
+    ns.run_ok("nft", &["-f", "-"], &nft::add_sandbox(TABLE, &all[1]));
+    assert_eq!(tagged_elements(&ns), element_count(&all));
+    // The full ruleset replaces the table: same content, nothing doubled.
+    ns.run_ok("nft", &["-f", "-"], &nft::ruleset(TABLE, &all));
+    assert_eq!(tagged_elements(&ns), element_count(&all));
+
+    let removed = &all[1];
+    ns.run_ok("nft", &["-f", "-"], &nft::remove_sandbox(TABLE, removed));
+    let listing = ns.run_ok("nft", &["list", "table", "inet", TABLE], "");
+    assert!(!listing.contains(&removed.sandbox.tag()), "{listing}");
+    assert_eq!(
+        tagged_elements(&ns),
+        element_count(&all) - element_count(std::slice::from_ref(removed))
+    );
+    // Removing again succeeds and changes nothing (DEL is idempotent).
+    ns.run_ok("nft", &["-f", "-"], &nft::remove_sandbox(TABLE, removed));
+    assert_eq!(
+        tagged_elements(&ns),
+        element_count(&all) - element_count(std::slice::from_ref(removed))
+    );
+}
+
+#[test]
+fn nft_removal_never_deletes_another_sandboxs_mapping() {
+    if !ready("nft_removal_never_deletes_another_sandboxs_mapping", "nft") {
+        return;
+    }
+    let ns = Netns::create("nftown");
+    let owner = examples::one_tcp();
+    ns.run_ok(
+        "nft",
+        &["-f", "-"],
+        &nft::ruleset(TABLE, std::slice::from_ref(&owner)),
+    );
+    // A stale sandbox that once had the same host port, for another pod address.
+    let mut stale = owner.clone();
+    stale.sandbox.0.push_str("-old");
+    stale.pod_ips = vec!["198.18.0.99".parse().unwrap()];
+    let out = ns.run("nft", &["-f", "-"], &nft::remove_sandbox(TABLE, &stale));
+    assert!(
+        !out.status.success(),
+        "removing a key that maps elsewhere must fail"
+    );
+    let listing = ns.run_ok("nft", &["list", "map", "inet", TABLE, "hostports4"], "");
+    assert!(
+        listing.contains("tcp . 23817") && listing.contains("198.18.0.5 . 9040"),
+        "{listing}"
+    );
+}
+
+fn restore(ns: &Netns, family: IpFamily, payload: &str) {
+    let tool = match family {
+        IpFamily::V4 => "iptables-restore",
+        IpFamily::V6 => "ip6tables-restore",
+    };
+    ns.run_ok(tool, &["--noflush"], payload);
+}
+
+fn our_rules(ns: &Netns, family: IpFamily) -> Vec<String> {
+    let tool = match family {
+        IpFamily::V4 => "iptables-save",
+        IpFamily::V6 => "ip6tables-save",
+    };
+    ns.run_ok(tool, &["-t", "nat"], "")
+        .lines()
+        .filter(|l| l.starts_with("-A") && l.contains("RANDPORT"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn iptables_payloads_load_and_change_only_our_chains() {
+    if !ready(
+        "iptables_payloads_load_and_change_only_our_chains",
+        "iptables-restore",
+    ) {
+        return;
+    }
+    let ns = Netns::create("ipt");
+    let all = examples::all();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let (check, jumps) = match family {
+            IpFamily::V4 => ("iptables", iptables::hook_jumps(family)),
+            IpFamily::V6 => ("ip6tables", iptables::hook_jumps(family)),
+        };
+        // Someone else's rule in a built-in chain must survive everything we do.
+        ns.run_ok(
+            check,
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-m",
+                "comment",
+                "--comment",
+                "not-ours",
+                "-j",
+                "RETURN",
+            ],
+            "",
+        );
+        restore(&ns, family, &iptables::full_payload(family, &all, &jumps));
+        for jump in &jumps {
+            let mut args = vec!["-t", "nat", "-C", jump.chain];
+            args.extend(jump.args.iter().map(String::as_str));
+            ns.run_ok(check, &args, "");
+        }
+        let first = our_rules(&ns, family);
+        assert!(!first.is_empty());
+        // Re-applying the full payload (jumps present now) flushes and refills our chains.
+        restore(&ns, family, &iptables::full_payload(family, &all, &[]));
+        assert_eq!(
+            our_rules(&ns, family),
+            first,
+            "{family:?}: full payload is not a replacement"
+        );
+
+        let dual = examples::dual_stack();
+        let removal =
+            iptables::remove_sandbox(family, &dual).expect("dual-stack has rules in both families");
+        restore(&ns, family, &removal);
+        let after = our_rules(&ns, family);
+        assert!(after.iter().all(|l| !l.contains(&dual.sandbox.tag())));
+        assert_eq!(
+            after.len(),
+            first.len() - removal.lines().filter(|l| l.starts_with("-D")).count()
+        );
+        restore(
+            &ns,
+            family,
+            &iptables::add_sandbox(family, &dual).unwrap_or_default(),
+        );
+        assert_eq!(our_rules(&ns, family).len(), first.len());
+
+        let save = match family {
+            IpFamily::V4 => "iptables-save",
+            IpFamily::V6 => "ip6tables-save",
+        };
+        assert!(ns.run_ok(save, &["-t", "nat"], "").contains("not-ours"));
+    }
+}
