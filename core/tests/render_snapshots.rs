@@ -123,3 +123,27 @@ fn every_element_and_rule_is_tagged_with_its_sandbox() {
         }
     }
 }
+
+#[test]
+fn teardowns() {
+    insta::assert_snapshot!(format!(
+        "## nft\n{}\n## iptables (all jumps present)\n{}",
+        nft::teardown(TABLE),
+        iptables::teardown_payload(&hook_jumps(IpFamily::V4))
+    ));
+}
+
+#[test]
+fn counts_match_the_rendered_lines() {
+    for record in examples::all() {
+        assert_eq!(
+            nft::element_count(&record),
+            nft::add_sandbox(TABLE, &record).lines().count()
+        );
+        for family in [IpFamily::V4, IpFamily::V6] {
+            let lines = iptables::add_sandbox(family, &record)
+                .map_or(0, |p| p.lines().filter(|l| l.starts_with("-A")).count());
+            assert_eq!(iptables::rule_count(family, &record), lines);
+        }
+    }
+}

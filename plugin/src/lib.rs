@@ -3,7 +3,20 @@
 //! Every kernel or API effect sits here, behind a small trait with a real implementation
 //! and a recording fake; every decision is made by `randport-core`.
 //!
-//! - [`node_ports`]: what the node's kernel says about ports (reserved ports, the
-//!   ephemeral range), read from `/proc/sys`.
+//! - [`agent`]: ADD/DEL/CHECK/GC/STATUS/LIST, start-up recovery, firewall repair.
+//! - [`rpc`]: the plugin-agent wire protocol; [`server`]: the agent's socket and HTTP.
+//! - [`cni`]: the CNI side: environment, config, prevResult, error JSON.
+//! - [`firewall`], [`holder`], [`conntrack`], [`state`], [`pods`]: the effects.
+//! - [`metrics`]: Prometheus text; [`node_ports`]: the node's port sysctls.
 
+pub mod agent;
+pub mod cni;
+pub mod conntrack;
+pub mod firewall;
+pub mod holder;
+pub mod metrics;
 pub mod node_ports;
+pub mod pods;
+pub mod rpc;
+pub mod server;
+pub mod state;

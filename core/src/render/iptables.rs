@@ -195,3 +195,26 @@ fn change(family: IpFamily, record: &SandboxRecord, op: &str) -> Option<String> 
     out.push_str("COMMIT\n");
     Some(out)
 }
+
+/// How many rules a record owns in `family` (what a listing must show).
+pub fn rule_count(family: IpFamily, record: &SandboxRecord) -> usize {
+    rules(family, record).len()
+}
+
+/// The payload that removes everything we own in `family`: our chains are declared
+/// (which creates or flushes them), the jumps in `present_jumps` deleted, the chains
+/// deleted.
+pub fn teardown_payload(present_jumps: &[HookJump]) -> String {
+    let mut out = String::from("*nat\n");
+    for chain in [HOSTPORTS_CHAIN, POSTROUTING_CHAIN] {
+        let _ = writeln!(out, ":{chain} - [0:0]");
+    }
+    for jump in present_jumps {
+        let _ = writeln!(out, "{}", jump.append_line().replacen("-A ", "-D ", 1));
+    }
+    for chain in [HOSTPORTS_CHAIN, POSTROUTING_CHAIN] {
+        let _ = writeln!(out, "-X {chain}");
+    }
+    out.push_str("COMMIT\n");
+    out
+}

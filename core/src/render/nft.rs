@@ -207,3 +207,13 @@ pub fn remove_sandbox(table: &str, record: &SandboxRecord) -> String {
     }
     out
 }
+
+/// How many tagged elements a record owns in the table (what a listing must show).
+pub fn element_count(record: &SandboxRecord) -> usize {
+    elements(record).len()
+}
+
+/// The transaction that deletes the whole table, whether it exists or not.
+pub fn teardown(table: &str) -> String {
+    format!("table inet {table} {{}}\ndelete table inet {table}\n")
+}

@@ -1,0 +1,584 @@
+//! The node agent's logic: ADD, DEL, CHECK, GC, STATUS, LIST, start-up recovery and
+//! firewall repair, over the effect traits (firewall, port holder, conntrack, state
+//! store, pod source). One mutex serialises changes, so no port is ever given twice.
+//!
+//! ADD, in order, each step undone if a later one fails: resolve the pod (with short
+//! retries), plan and hold every host port, persist the record, apply the firewall
+//! change, flush UDP/SCTP conntrack, write the annotation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use randport_core::annotation::{self, AnnotationError};
+use randport_core::{
+    HostPortAllocator, PlanError, PodRef, PortKey, PortRange, Protocol, ReservedPorts, SandboxId,
+    SandboxRecord, SandboxRequest, plan,
+};
+
+use crate::conntrack::{Conntrack, needs_flush};
+use crate::firewall::{Firewall, FirewallError};
+use crate::holder::{HeldPort, HoldError, PortHolder};
+use crate::metrics::{Gauges, Metrics};
+use crate::pods::{PodError, PodSource};
+use crate::rpc::{AddRequest, ErrorReply, Request, Response};
+use crate::state::{StateError, StateStore, validate_id};
+
+/// The agent's settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This node's name.
+    pub node_name: String,
+    /// Where random ports come from.
+    pub port_range: PortRange,
+    /// Ports never handed out at random.
+    pub reserved: ReservedPorts,
+    /// The annotation key.
+    pub annotation_key: String,
+    /// How long an ADD waits for a pod the source does not know yet.
+    pub pod_wait: Duration,
+}
+
+/// The effects the agent drives.
+pub struct Effects {
+    /// nftables or iptables.
+    pub firewall: Box<dyn Firewall>,
+    /// Binds host ports.
+    pub holder: Box<dyn PortHolder>,
+    /// Flushes conntrack entries.
+    pub conntrack: Box<dyn Conntrack>,
+    /// Persists records.
+    pub state: Box<dyn StateStore>,
+    /// Pods and annotation writeback.
+    pub pods: Box<dyn PodSource>,
+}
+
+/// Why a request failed; each maps to a CNI error code.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent is still starting.
+    #[error("randportd on node {0} is still starting (restoring mappings); try again in a moment")]
+    NotReady(String),
+    /// The pod could not be found or read.
+    #[error("{0}")]
+    Pod(#[from] PodError),
+    /// The annotation is garbage.
+    #[error("{0}")]
+    Annotation(#[from] AnnotationError),
+    /// The ports could not be planned.
+    #[error("{0}")]
+    Plan(#[from] PlanError),
+    /// A port could not be held for a reason other than being busy.
+    #[error("{0}")]
+    Hold(#[from] HoldError),
+    /// The record could not be stored.
+    #[error("{0}")]
+    State(#[from] StateError),
+    /// The firewall change failed.
+    #[error("{0}; the pod's ports were released, the ADD can be retried")]
+    Firewall(#[from] FirewallError),
+    /// The annotation could not be written.
+    #[error("writing the port-mapping annotation back failed: {0}; the pod's ports were released")]
+    Writeback(PodError),
+    /// CHECK found something missing.
+    #[error(
+        "sandbox {sandbox} of pod {pod}: {what}; delete the pod or restart randportd to re-apply"
+    )]
+    Missing {
+        /// The sandbox.
+        sandbox: SandboxId,
+        /// The pod.
+        pod: PodRef,
+        /// What is missing.
+        what: String,
+    },
+    /// A sandbox that was added for another pod.
+    #[error("sandbox {sandbox} is already mapped for pod {existing}, not {requested}")]
+    SandboxReused {
+        /// The sandbox.
+        sandbox: SandboxId,
+        /// The pod it belongs to.
+        existing: PodRef,
+        /// The pod the request names.
+        requested: PodRef,
+    },
+    /// Several cleanup steps failed.
+    #[error("{}", .0.join("; "))]
+    Cleanup(Vec<String>),
+}
+
+impl AgentError {
+    /// The CNI error code and short message.
+    pub fn code(&self) -> (u32, &'static str) {
+        match self {
+            AgentError::NotReady(_) => (11, "Try again later"),
+            AgentError::Pod(PodError::NotFound { .. }) => (11, "Try again later"),
+            AgentError::Pod(PodError::Io { .. }) => (5, "I/O failure"),
+            AgentError::Pod(PodError::Invalid { .. }) | AgentError::Annotation(_) => {
+                (102, "invalid pod")
+            }
+            AgentError::Plan(
+                PlanError::Exhausted { .. }
+                | PlanError::HostPortBusy { .. }
+                | PlanError::HostPortTaken { .. },
+            ) => (101, "no host port available"),
+            AgentError::Plan(_) => (102, "invalid pod"),
+            AgentError::Hold(_) => (101, "no host port available"),
+            AgentError::State(_) => (5, "I/O failure"),
+            AgentError::Firewall(_) => (103, "firewall change failed"),
+            AgentError::Writeback(_) => (104, "annotation writeback failed"),
+            AgentError::Missing { .. } => (105, "mapping missing"),
+            AgentError::SandboxReused { .. } => (7, "Invalid network config"),
+            AgentError::Cleanup(_) => (106, "cleanup incomplete"),
+        }
+    }
+
+    /// A short label for the failures metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AgentError::NotReady(_) => "not_ready",
+            AgentError::Pod(_) => "pod_lookup",
+            AgentError::Annotation(_)
+            | AgentError::Plan(PlanError::ZeroContainerPort { .. })
+            | AgentError::Plan(PlanError::DuplicateContainerPort { .. })
+            | AgentError::Plan(PlanError::HostIpFamily { .. })
+            | AgentError::Plan(PlanError::NoPodIp { .. }) => "invalid_pod",
+            AgentError::Plan(_) | AgentError::Hold(_) => "ports_unavailable",
+            AgentError::State(_) => "state_store",
+            AgentError::Firewall(_) => "firewall",
+            AgentError::Writeback(_) => "writeback",
+            AgentError::Missing { .. } => "check_missing",
+            AgentError::SandboxReused { .. } => "sandbox_reused",
+            AgentError::Cleanup(_) => "cleanup",
+        }
+    }
+
+    /// The CNI error reply.
+    pub fn reply(&self) -> ErrorReply {
+        let (code, msg) = self.code();
+        ErrorReply {
+            code,
+            msg: msg.to_owned(),
+            details: self.to_string(),
+        }
+    }
+}
+
+struct Inner {
+    alloc: HostPortAllocator,
+    records: BTreeMap<SandboxId, SandboxRecord>,
+    holds: HashMap<SandboxId, Vec<HeldPort>>,
+    rng: fastrand::Rng,
+}
+
+impl Inner {
+    fn release(&mut self, record: &SandboxRecord) {
+        for m in &record.mappings {
+            self.alloc
+                .release(PortKey::on(m.protocol, m.host_ip), m.host_port);
+        }
+        self.holds.remove(&record.sandbox);
+    }
+
+    fn others(&self, sandbox: &SandboxId) -> Vec<SandboxRecord> {
+        self.records
+            .values()
+            .filter(|r| &r.sandbox != sandbox)
+            .cloned()
+            .collect()
+    }
+}
+
+/// What start-up found and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StartReport {
+    /// Records restored.
+    pub restored: usize,
+    /// Records released because their pod is gone.
+    pub released: Vec<SandboxId>,
+    /// Annotations rewritten.
+    pub rewritten: Vec<PodRef>,
+    /// Problems that did not stop the start, for the log.
+    pub warnings: Vec<String>,
+}
+
+/// The node agent.
+pub struct Agent {
+    config: AgentConfig,
+    fx: Effects,
+    inner: Mutex<Inner>,
+    ready: AtomicBool,
+    /// Counters and histograms.
+    pub metrics: Metrics,
+}
+
+impl Agent {
+    /// An agent that is not ready until [`Agent::start`] has run.
+    pub fn new(config: AgentConfig, fx: Effects) -> Self {
+        let alloc = HostPortAllocator::new(config.port_range, config.reserved.clone());
+        Agent {
+            config,
+            fx,
+            inner: Mutex::new(Inner {
+                alloc,
+                records: BTreeMap::new(),
+                holds: HashMap::new(),
+                rng: fastrand::Rng::new(),
+            }),
+            ready: AtomicBool::new(false),
+            metrics: Metrics::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the agent serves.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// Restores the node from the records: re-holds every port, rebuilds the firewall in
+    /// one transaction, reconciles with the pod source, and becomes ready.
+    pub fn start(&self) -> Result<StartReport, AgentError> {
+        let mut report = StartReport::default();
+        let mut inner = self.lock();
+        for record in self.fx.state.load_all()? {
+            let mut holds = Vec::new();
+            for m in &record.mappings {
+                let key = PortKey::on(m.protocol, m.host_ip);
+                if inner.alloc.claim(key, m.host_port).is_err() {
+                    report.warnings.push(format!(
+                        "sandbox {}: host port {}/{key} is recorded twice",
+                        record.sandbox, m.host_port
+                    ));
+                }
+                match self.fx.holder.hold(key, m.host_port) {
+                    Ok(held) => holds.push(held),
+                    Err(e) => report.warnings.push(format!(
+                        "pod {}: {e}; its mapping stays, but the port is not held",
+                        record.pod
+                    )),
+                }
+            }
+            inner.holds.insert(record.sandbox.clone(), holds);
+            inner.records.insert(record.sandbox.clone(), record);
+        }
+        report.restored = inner.records.len();
+        let all: Vec<SandboxRecord> = inner.records.values().cloned().collect();
+        self.fx.firewall.replace_all(&all)?;
+
+        for record in all {
+            match self.fx.pods.get(&record.pod) {
+                Ok(pod)
+                    if record.pod.uid.is_empty()
+                        || pod.pod.uid.is_empty()
+                        || pod.pod.uid == record.pod.uid =>
+                {
+                    let value = annotation::encode(&record.annotation_entries());
+                    if pod.annotation.as_ref().is_some_and(|v| *v != value) {
+                        match self.fx.pods.write_annotation(&record.pod, &value) {
+                            Ok(()) => report.rewritten.push(record.pod.clone()),
+                            Err(e) => report
+                                .warnings
+                                .push(format!("rewriting the annotation: {e}")),
+                        }
+                    }
+                }
+                Ok(_) | Err(PodError::NotFound { .. }) => {
+                    if let Err(e) = self.remove_locked(&mut inner, &record.sandbox) {
+                        report.warnings.push(e.to_string());
+                    }
+                    report.released.push(record.sandbox.clone());
+                }
+                Err(e) => report.warnings.push(format!("reconciling: {e}")),
+            }
+        }
+        self.ready.store(true, Ordering::SeqCst);
+        Ok(report)
+    }
+
+    fn resolve_pod(&self, pod: &PodRef) -> Result<crate::pods::PodInfo, AgentError> {
+        let deadline = Instant::now() + self.config.pod_wait;
+        loop {
+            match self.fx.pods.get(pod) {
+                Err(PodError::NotFound { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => return Ok(other?),
+            }
+        }
+    }
+
+    /// ADD: maps the pod's ports for the sandbox; returns the record (none when the pod
+    /// has nothing to map). A repeated ADD returns the first one's record.
+    pub fn add(&self, req: &AddRequest) -> Result<Option<SandboxRecord>, AgentError> {
+        if !self.is_ready() {
+            return Err(AgentError::NotReady(self.config.node_name.clone()));
+        }
+        validate_id(&req.sandbox)?;
+        let mut inner = self.lock();
+        if let Some(existing) = inner.records.get(&req.sandbox) {
+            if existing.pod.namespace != req.pod.namespace || existing.pod.name != req.pod.name {
+                return Err(AgentError::SandboxReused {
+                    sandbox: req.sandbox.clone(),
+                    existing: existing.pod.clone(),
+                    requested: req.pod.clone(),
+                });
+            }
+            return Ok(Some(existing.clone()));
+        }
+
+        // 1. The pod.
+        let pod = self.resolve_pod(&req.pod)?;
+        if let Some(value) = &pod.annotation {
+            annotation::decode(&req.pod, value)?;
+        }
+        let mut pod_ref = req.pod.clone();
+        if pod_ref.uid.is_empty() {
+            pod_ref.uid = pod.pod.uid.clone();
+        }
+        let request = SandboxRequest {
+            pod: pod_ref,
+            sandbox: req.sandbox.clone(),
+            pod_ips: req.pod_ips.clone(),
+            ports: pod.ports,
+            mapping_requested: pod.annotation.is_some(),
+        };
+
+        // 2 and 3. Plan, holding every port as it is chosen.
+        let inner = &mut *inner;
+        let mut holds: Vec<HeldPort> = Vec::new();
+        let mut hard_error: Option<HoldError> = None;
+        let holder = &self.fx.holder;
+        let planned = plan(
+            &request,
+            &mut inner.alloc,
+            &mut inner.rng,
+            |key, port| match holder.hold(key, port) {
+                Ok(held) => {
+                    holds.push(held);
+                    true
+                }
+                Err(HoldError::Busy { .. }) => false,
+                Err(other) => {
+                    hard_error = Some(other);
+                    false
+                }
+            },
+        );
+        let mappings = match (planned, hard_error) {
+            (Ok(mappings), _) => mappings,
+            (Err(_), Some(hold)) => return Err(hold.into()),
+            (Err(plan), None) => return Err(plan.into()),
+        };
+        let record = SandboxRecord {
+            sandbox: request.sandbox.clone(),
+            pod: request.pod.clone(),
+            pod_ips: request.pod_ips.clone(),
+            mappings,
+        };
+        if record.mappings.is_empty() {
+            if request.mapping_requested {
+                self.fx
+                    .pods
+                    .write_annotation(&record.pod, "[]")
+                    .map_err(AgentError::Writeback)?;
+            }
+            return Ok(None);
+        }
+
+        // 4. Persist.
+        if let Err(e) = self.fx.state.save(&record) {
+            inner.release(&record);
+            return Err(e.into());
+        }
+        // 5. Firewall.
+        if let Err(e) = self.fx.firewall.add(&record) {
+            let _ = self.fx.state.delete(&record.sandbox);
+            inner.release(&record);
+            return Err(e.into());
+        }
+        inner.holds.insert(record.sandbox.clone(), holds);
+        inner.records.insert(record.sandbox.clone(), record.clone());
+        // 6. Conntrack, after the rules.
+        self.flush_conntrack(&record);
+        // 7. Writeback.
+        if request.mapping_requested {
+            let value = annotation::encode(&record.annotation_entries());
+            if let Err(e) = self.fx.pods.write_annotation(&record.pod, &value) {
+                let _ = self.remove_locked(inner, &record.sandbox);
+                return Err(AgentError::Writeback(e));
+            }
+        }
+        Ok(Some(record))
+    }
+
+    fn flush_conntrack(&self, record: &SandboxRecord) -> Vec<String> {
+        let mut errors = Vec::new();
+        for m in record.mappings.iter().filter(|m| needs_flush(m.protocol)) {
+            if let Err(e) = self
+                .fx
+                .conntrack
+                .flush(PortKey::on(m.protocol, m.host_ip), m.host_port)
+            {
+                errors.push(e.to_string());
+            }
+        }
+        errors
+    }
+
+    /// Removes a sandbox's rules, holds, conntrack entries and record, going on after
+    /// errors and reporting all of them.
+    fn remove_locked(&self, inner: &mut Inner, sandbox: &SandboxId) -> Result<(), AgentError> {
+        let Some(record) = inner.records.get(sandbox).cloned() else {
+            return Ok(());
+        };
+        let mut errors = Vec::new();
+        let remaining = inner.others(sandbox);
+        if let Err(e) = self.fx.firewall.remove(&record, &remaining) {
+            errors.push(e.to_string());
+        }
+        inner.release(&record);
+        inner.records.remove(sandbox);
+        errors.extend(self.flush_conntrack(&record));
+        if let Err(e) = self.fx.state.delete(sandbox) {
+            errors.push(e.to_string());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(AgentError::Cleanup(errors))
+        }
+    }
+
+    /// DEL: releases the sandbox; succeeds when there is nothing to release.
+    pub fn del(&self, sandbox: &SandboxId) -> Result<(), AgentError> {
+        let mut inner = self.lock();
+        self.remove_locked(&mut inner, sandbox)
+    }
+
+    /// CHECK: the sandbox's rules and holds are all there.
+    pub fn check(&self, sandbox: &SandboxId) -> Result<(), AgentError> {
+        let inner = self.lock();
+        let Some(record) = inner.records.get(sandbox) else {
+            return Ok(());
+        };
+        let missing = |what: String| AgentError::Missing {
+            sandbox: sandbox.clone(),
+            pod: record.pod.clone(),
+            what,
+        };
+        let held = inner.holds.get(sandbox).map_or(0, Vec::len);
+        if held != record.mappings.len() {
+            return Err(missing(format!(
+                "{} of its {} host ports are not held",
+                record.mappings.len() - held.min(record.mappings.len()),
+                record.mappings.len()
+            )));
+        }
+        if !self.fx.firewall.verify(record)? {
+            return Err(missing(format!(
+                "its {} rules are incomplete",
+                self.fx.firewall.name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// GC: releases every sandbox not in `valid`; returns how many.
+    pub fn gc(&self, valid: &[SandboxId]) -> Result<usize, AgentError> {
+        let mut inner = self.lock();
+        let stale: Vec<SandboxId> = inner
+            .records
+            .keys()
+            .filter(|s| !valid.contains(s))
+            .cloned()
+            .collect();
+        let mut errors = Vec::new();
+        for sandbox in &stale {
+            if let Err(e) = self.remove_locked(&mut inner, sandbox) {
+                errors.push(e.to_string());
+            }
+        }
+        if errors.is_empty() {
+            Ok(stale.len())
+        } else {
+            Err(AgentError::Cleanup(errors))
+        }
+    }
+
+    /// Every record, by sandbox id.
+    pub fn list(&self) -> Vec<SandboxRecord> {
+        self.lock().records.values().cloned().collect()
+    }
+
+    /// Re-applies the whole firewall state when someone flushed it; true if it did.
+    pub fn repair(&self) -> Result<bool, AgentError> {
+        let inner = self.lock();
+        let all: Vec<SandboxRecord> = inner.records.values().cloned().collect();
+        if self.fx.firewall.intact(&all)? {
+            return Ok(false);
+        }
+        self.fx.firewall.replace_all(&all)?;
+        self.metrics.repairs.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Gauges for the metrics page.
+    pub fn gauges(&self) -> Gauges {
+        let inner = self.lock();
+        Gauges {
+            mappings: inner.records.values().map(|r| r.mappings.len()).sum(),
+            sandboxes: inner.records.len(),
+            range_used: Protocol::ALL.map(|p| inner.alloc.in_use(p)),
+            range_size: self.config.port_range.len(),
+            ready: self.is_ready(),
+        }
+    }
+
+    /// Answers one request, counting it in the metrics.
+    pub fn handle(&self, request: Request) -> Response {
+        let started = Instant::now();
+        let ok = |records: Vec<SandboxRecord>| Response::Ok {
+            records,
+            ready: self.is_ready(),
+        };
+        let result = match request {
+            Request::Add(add) => {
+                let r = self.add(&add).map(|r| ok(r.into_iter().collect()));
+                self.metrics.add_seconds.observe(started.elapsed());
+                if r.is_ok() {
+                    self.metrics.adds.fetch_add(1, Ordering::Relaxed);
+                }
+                r
+            }
+            Request::Del { sandbox } => {
+                let r = self.del(&sandbox).map(|()| ok(vec![]));
+                self.metrics.del_seconds.observe(started.elapsed());
+                if r.is_ok() {
+                    self.metrics.dels.fetch_add(1, Ordering::Relaxed);
+                }
+                r
+            }
+            Request::Check { sandbox } => self.check(&sandbox).map(|()| ok(vec![])),
+            Request::Gc { valid } => self.gc(&valid).map(|_| ok(vec![])),
+            Request::Status => Ok(ok(vec![])),
+            Request::List => Ok(ok(self.list())),
+        };
+        match result {
+            Ok(response) => response,
+            Err(e) => {
+                self.metrics.fail(e.reason());
+                Response::Error(e.reply())
+            }
+        }
+    }
+}

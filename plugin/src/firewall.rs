@@ -1,0 +1,426 @@
+//! Firewall backends: nftables (default) and iptables. Each change is one process (`nft
+//! -f -`, or one `iptables-restore --noflush` per address family) fed text that
+//! `randport-core` rendered; only our own table or chains are touched.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use randport_core::render::{iptables, nft};
+use randport_core::{IpFamily, SandboxId, SandboxRecord};
+
+/// A firewall change that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{backend}: {what} failed: {reason}")]
+pub struct FirewallError {
+    /// `nftables` or `iptables`.
+    pub backend: &'static str,
+    /// What was being done.
+    pub what: String,
+    /// The tool's own words.
+    pub reason: String,
+}
+
+/// Which backend.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// One nft table with maps.
+    Nftables,
+    /// Our own chains in the nat table.
+    Iptables,
+}
+
+/// The firewall as the agent sees it.
+pub trait Firewall: Send + Sync {
+    /// The backend's name.
+    fn name(&self) -> &'static str;
+    /// Replaces everything we own with exactly these sandboxes, in one transaction.
+    fn replace_all(&self, records: &[SandboxRecord]) -> Result<(), FirewallError>;
+    /// Adds one sandbox.
+    fn add(&self, record: &SandboxRecord) -> Result<(), FirewallError>;
+    /// Removes one sandbox; `remaining` is every other sandbox, for a rebuild when the
+    /// small change cannot be made.
+    fn remove(
+        &self,
+        record: &SandboxRecord,
+        remaining: &[SandboxRecord],
+    ) -> Result<(), FirewallError>;
+    /// Whether every rule or element of this sandbox is present.
+    fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError>;
+    /// Whether everything we own is present for these sandboxes (nobody flushed it).
+    fn intact(&self, records: &[SandboxRecord]) -> Result<bool, FirewallError>;
+    /// Removes everything we own (used to clean up after a switch of backend).
+    fn teardown(&self) -> Result<(), FirewallError>;
+}
+
+/// Creates the backend.
+pub fn backend(kind: Backend) -> Box<dyn Firewall> {
+    match kind {
+        Backend::Nftables => Box::new(NftFirewall::new(nft::DEFAULT_TABLE)),
+        Backend::Iptables => Box::new(IptablesFirewall),
+    }
+}
+
+/// Runs `program args` with `input` on stdin; the stdout, or the stderr as the error.
+fn run(program: &str, args: &[&str], input: &str) -> Result<String, String> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {program}: {e}; is it installed?"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| format!("writing to {program}: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("waiting for {program}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+/// nftables: table `inet <name>`.
+#[derive(Debug, Clone)]
+pub struct NftFirewall {
+    table: String,
+}
+
+impl NftFirewall {
+    /// The backend for table `table`.
+    pub fn new(table: &str) -> Self {
+        NftFirewall {
+            table: table.to_owned(),
+        }
+    }
+
+    fn apply(&self, what: impl Into<String>, text: &str) -> Result<(), FirewallError> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        run("nft", &["-f", "-"], text)
+            .map(drop)
+            .map_err(|reason| self.err(what, reason))
+    }
+
+    fn err(&self, what: impl Into<String>, reason: String) -> FirewallError {
+        FirewallError {
+            backend: "nftables",
+            what: what.into(),
+            reason,
+        }
+    }
+
+    fn listing(&self) -> Result<Option<String>, FirewallError> {
+        match run("nft", &["list", "table", "inet", &self.table], "") {
+            Ok(text) => Ok(Some(text)),
+            Err(reason) if reason.contains("No such file or directory") => Ok(None),
+            Err(reason) => Err(self.err(format!("listing table inet {}", self.table), reason)),
+        }
+    }
+}
+
+impl Firewall for NftFirewall {
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn replace_all(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
+        self.apply(
+            format!(
+                "rebuilding table inet {} ({} sandboxes)",
+                self.table,
+                records.len()
+            ),
+            &nft::ruleset(&self.table, records),
+        )
+    }
+
+    fn add(&self, record: &SandboxRecord) -> Result<(), FirewallError> {
+        self.apply(
+            format!("adding mappings of pod {}", record.pod),
+            &nft::add_sandbox(&self.table, record),
+        )
+    }
+
+    fn remove(
+        &self,
+        record: &SandboxRecord,
+        remaining: &[SandboxRecord],
+    ) -> Result<(), FirewallError> {
+        match self.apply(
+            format!("removing mappings of pod {}", record.pod),
+            &nft::remove_sandbox(&self.table, record),
+        ) {
+            Ok(()) => Ok(()),
+            // Some element now maps elsewhere, or the table is gone: rebuild without it.
+            Err(_) => self.replace_all(remaining),
+        }
+    }
+
+    fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError> {
+        let needle = format!("comment \"{}\"", record.sandbox.tag());
+        let found = self
+            .listing()?
+            .map_or(0, |text| text.matches(&needle).count());
+        Ok(found == nft::element_count(record))
+    }
+
+    fn intact(&self, records: &[SandboxRecord]) -> Result<bool, FirewallError> {
+        let Some(text) = self.listing()? else {
+            return Ok(false);
+        };
+        let expected: usize = records.iter().map(nft::element_count).sum();
+        let chains = [
+            "chain prerouting",
+            "chain output",
+            "chain postrouting",
+            "chain hostports",
+        ];
+        Ok(chains.iter().all(|c| text.contains(c))
+            && text.matches("fib daddr type local").count() >= 3
+            && text.matches("comment \"sb:").count() == expected)
+    }
+
+    fn teardown(&self) -> Result<(), FirewallError> {
+        self.apply(
+            format!("deleting table inet {}", self.table),
+            &nft::teardown(&self.table),
+        )
+    }
+}
+
+/// iptables: chains `RANDPORT-*` in the nat table, IPv4 and IPv6.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IptablesFirewall;
+
+const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+fn tools(family: IpFamily) -> (&'static str, &'static str) {
+    match family {
+        IpFamily::V4 => ("iptables-restore", "iptables-save"),
+        IpFamily::V6 => ("ip6tables-restore", "ip6tables-save"),
+    }
+}
+
+impl IptablesFirewall {
+    fn err(what: impl Into<String>, reason: String) -> FirewallError {
+        FirewallError {
+            backend: "iptables",
+            what: what.into(),
+            reason,
+        }
+    }
+
+    fn restore(family: IpFamily, what: &str, payload: &str) -> Result<(), FirewallError> {
+        run(tools(family).0, &["--noflush"], payload)
+            .map(drop)
+            .map_err(|reason| Self::err(what, reason))
+    }
+
+    fn save(family: IpFamily) -> Result<String, FirewallError> {
+        run(tools(family).1, &["-t", "nat"], "")
+            .map_err(|reason| Self::err("listing the nat table", reason))
+    }
+
+    fn present_jumps(saved: &str, family: IpFamily) -> Vec<iptables::HookJump> {
+        iptables::hook_jumps(family)
+            .into_iter()
+            .filter(|j| saved.lines().any(|l| l == j.append_line()))
+            .collect()
+    }
+
+    fn missing_jumps(saved: &str, family: IpFamily) -> Vec<iptables::HookJump> {
+        iptables::hook_jumps(family)
+            .into_iter()
+            .filter(|j| !saved.lines().any(|l| l == j.append_line()))
+            .collect()
+    }
+}
+
+impl Firewall for IptablesFirewall {
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn replace_all(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
+        for family in FAMILIES {
+            let missing = Self::missing_jumps(&Self::save(family)?, family);
+            let payload = iptables::full_payload(family, records, &missing);
+            Self::restore(
+                family,
+                &format!("rebuilding our chains ({} sandboxes)", records.len()),
+                &payload,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn add(&self, record: &SandboxRecord) -> Result<(), FirewallError> {
+        for family in FAMILIES {
+            if let Some(payload) = iptables::add_sandbox(family, record) {
+                Self::restore(
+                    family,
+                    &format!("adding mappings of pod {}", record.pod),
+                    &payload,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(
+        &self,
+        record: &SandboxRecord,
+        remaining: &[SandboxRecord],
+    ) -> Result<(), FirewallError> {
+        for family in FAMILIES {
+            if let Some(payload) = iptables::remove_sandbox(family, record) {
+                if Self::restore(family, "removing mappings", &payload).is_err() {
+                    // A rule was already gone: rebuild our chains without this sandbox.
+                    return self.replace_all(remaining);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError> {
+        let needle = format!("--comment {}", record.sandbox.tag());
+        for family in FAMILIES {
+            let found = Self::save(family)?
+                .lines()
+                .filter(|l| l.contains(&needle))
+                .count();
+            if found != iptables::rule_count(family, record) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn intact(&self, records: &[SandboxRecord]) -> Result<bool, FirewallError> {
+        for family in FAMILIES {
+            let saved = Self::save(family)?;
+            let expected: usize = records
+                .iter()
+                .map(|r| iptables::rule_count(family, r))
+                .sum();
+            let tagged = saved
+                .lines()
+                .filter(|l| l.contains("--comment sb:"))
+                .count();
+            if tagged != expected || !Self::missing_jumps(&saved, family).is_empty() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn teardown(&self) -> Result<(), FirewallError> {
+        for family in FAMILIES {
+            let saved = match Self::save(family) {
+                Ok(saved) => saved,
+                // No iptables on this node: nothing of ours can be there.
+                Err(e) if e.reason.starts_with("cannot run") => continue,
+                Err(e) => return Err(e),
+            };
+            if !saved.contains(&format!(":{}", iptables::HOSTPORTS_CHAIN)) {
+                continue;
+            }
+            let payload = iptables::teardown_payload(&Self::present_jumps(&saved, family));
+            Self::restore(family, "removing our chains", &payload)?;
+        }
+        Ok(())
+    }
+}
+
+/// A firewall in memory that records every call; `fail_add` makes additions fail.
+#[derive(Debug, Default)]
+pub struct FakeFirewall {
+    /// The sandboxes present, by tag.
+    pub present: Mutex<std::collections::BTreeMap<SandboxId, usize>>,
+    /// Every call, in order: `replace_all(n)`, `add(id)`, `remove(id)`, `teardown`.
+    pub calls: Mutex<Vec<String>>,
+    /// When set, `add` fails.
+    pub fail_add: std::sync::atomic::AtomicBool,
+}
+
+impl FakeFirewall {
+    fn log(&self, call: String) {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(call);
+    }
+
+    fn present(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<SandboxId, usize>> {
+        self.present.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Firewall for FakeFirewall {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+
+    fn replace_all(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
+        self.log(format!("replace_all({})", records.len()));
+        let mut present = self.present();
+        present.clear();
+        for r in records {
+            present.insert(r.sandbox.clone(), nft::element_count(r));
+        }
+        Ok(())
+    }
+
+    fn add(&self, record: &SandboxRecord) -> Result<(), FirewallError> {
+        self.log(format!("add({})", record.sandbox));
+        if self.fail_add.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(FirewallError {
+                backend: "fake",
+                what: "add".into(),
+                reason: "injected failure".into(),
+            });
+        }
+        self.present()
+            .insert(record.sandbox.clone(), nft::element_count(record));
+        Ok(())
+    }
+
+    fn remove(
+        &self,
+        record: &SandboxRecord,
+        _remaining: &[SandboxRecord],
+    ) -> Result<(), FirewallError> {
+        self.log(format!("remove({})", record.sandbox));
+        self.present().remove(&record.sandbox);
+        Ok(())
+    }
+
+    fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError> {
+        Ok(self.present().get(&record.sandbox) == Some(&nft::element_count(record)))
+    }
+
+    fn intact(&self, records: &[SandboxRecord]) -> Result<bool, FirewallError> {
+        let present = self.present();
+        Ok(present.len() == records.len()
+            && records
+                .iter()
+                .all(|r| present.get(&r.sandbox) == Some(&nft::element_count(r))))
+    }
+
+    fn teardown(&self) -> Result<(), FirewallError> {
+        self.log("teardown".into());
+        self.present().clear();
+        Ok(())
+    }
+}

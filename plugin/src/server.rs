@@ -1,0 +1,150 @@
+//! The agent's front doors: the unix socket the plugin talks to (root only: mode 0600
+//! and the peer's uid checked), the metrics and health HTTP endpoint, and the watchdog
+//! that re-applies our rules when someone flushes them.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+
+use crate::agent::Agent;
+use crate::rpc::{ErrorReply, MAX_REQUEST, Request, Response, RpcError, read_limited};
+
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds the agent socket at `path` (replacing a stale one), mode 0600.
+pub fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+fn error(code: u32, msg: &str, details: String) -> Response {
+    Response::Error(ErrorReply {
+        code,
+        msg: msg.to_owned(),
+        details,
+    })
+}
+
+/// Reads one request from `stream`, answers it, closes. Peers other than `allowed_uid`
+/// are refused.
+pub fn serve_connection(agent: &Agent, mut stream: UnixStream, allowed_uid: u32) {
+    let response = (|| {
+        match getsockopt(&stream, PeerCredentials) {
+            Ok(cred) if cred.uid() == allowed_uid => {}
+            Ok(cred) => {
+                return error(
+                    126,
+                    "permission denied",
+                    format!(
+                        "uid {} may not use randportd; only uid {allowed_uid} may",
+                        cred.uid()
+                    ),
+                );
+            }
+            Err(e) => {
+                return error(
+                    5,
+                    "I/O failure",
+                    format!("cannot read the peer's credentials: {e}"),
+                );
+            }
+        }
+        let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
+        let bytes = match read_limited(&mut stream, MAX_REQUEST) {
+            Ok(bytes) => bytes,
+            Err(RpcError::TooLong(n)) => {
+                return error(
+                    6,
+                    "Failed to decode content",
+                    format!("request longer than {n} bytes"),
+                );
+            }
+            Err(e) => return error(5, "I/O failure", e.to_string()),
+        };
+        match serde_json::from_slice::<Request>(&bytes) {
+            Ok(request) => agent.handle(request),
+            Err(e) => error(
+                6,
+                "Failed to decode content",
+                format!("malformed request: {e}"),
+            ),
+        }
+    })();
+    if let Ok(bytes) = serde_json::to_vec(&response) {
+        let _ = stream.write_all(&bytes);
+    }
+}
+
+/// Serves the socket until the process ends, a thread per connection.
+pub fn serve(agent: Arc<Agent>, listener: UnixListener, allowed_uid: u32) {
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                let agent = Arc::clone(&agent);
+                std::thread::spawn(move || serve_connection(&agent, stream, allowed_uid));
+            }
+            Err(e) => eprintln!("randportd: accepting a connection: {e}"),
+        }
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` over HTTP/1.0 until the process ends.
+pub fn serve_http(agent: Arc<Agent>, listener: TcpListener) {
+    for stream in listener.incoming().flatten() {
+        let agent = Arc::clone(&agent);
+        std::thread::spawn(move || {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut line = String::new();
+            let mut reader = BufReader::new(&stream);
+            if reader.read_line(&mut line).is_err() {
+                return;
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", agent.metrics.render(agent.gauges())),
+                "/healthz" => ("200 OK", "ok\n".to_owned()),
+                "/readyz" if agent.is_ready() => ("200 OK", "ready\n".to_owned()),
+                "/readyz" => ("503 Service Unavailable", "starting\n".to_owned()),
+                _ => (
+                    "404 Not Found",
+                    "try /metrics, /healthz or /readyz\n".to_owned(),
+                ),
+            };
+            let mut stream = stream;
+            let _ = write!(
+                stream,
+                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        });
+    }
+}
+
+/// Checks our rules every `interval` and re-applies them when flushed.
+pub fn watchdog(agent: Arc<Agent>, interval: Duration) {
+    loop {
+        std::thread::sleep(interval);
+        match agent.repair() {
+            Ok(true) => {
+                eprintln!("randportd: our firewall rules were flushed by someone else; re-applied")
+            }
+            Ok(false) => {}
+            Err(e) => eprintln!("randportd: checking the firewall: {e}"),
+        }
+    }
+}

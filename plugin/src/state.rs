@@ -1,0 +1,247 @@
+//! The agent's state: one JSON record per sandbox in the state directory, written
+//! atomically (temporary file, fsync, rename, fsync of the directory), so a crash leaves
+//! either the old record or the new one.
+
+use std::fs::{self, File};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use randport_core::{SandboxId, SandboxRecord};
+
+/// A record that could not be stored or read.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A file operation failed.
+    #[error("state store {path}: {source}; check that the state directory is writable")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A record file is not valid JSON of a record.
+    #[error("state record {path} is corrupt ({source}); move it away and restart randportd")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The decoder's error.
+        source: serde_json::Error,
+    },
+    /// A sandbox id that cannot be a file name.
+    #[error("sandbox id {0:?} is not a valid container id (letters, digits, '_', '.', '-')")]
+    BadId(String),
+}
+
+/// Where sandbox records live.
+pub trait StateStore: Send + Sync {
+    /// Writes (or replaces) a record.
+    fn save(&self, record: &SandboxRecord) -> Result<(), StateError>;
+    /// Deletes a record; fine when there is none.
+    fn delete(&self, sandbox: &SandboxId) -> Result<(), StateError>;
+    /// Every record stored.
+    fn load_all(&self) -> Result<Vec<SandboxRecord>, StateError>;
+}
+
+/// Checks that a sandbox id is safe as a file name (the CNI spec's container id rule).
+pub fn validate_id(sandbox: &SandboxId) -> Result<(), StateError> {
+    let id = &sandbox.0;
+    let mut chars = id.chars();
+    let ok = id.len() <= 256
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StateError::BadId(id.clone()))
+    }
+}
+
+/// Records as files `<dir>/<sandbox id>.json`.
+#[derive(Debug, Clone)]
+pub struct DirStateStore {
+    dir: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl DirStateStore {
+    /// A store in `dir`, created (mode 0700) when missing.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StateError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = dir.into();
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io(&dir))?;
+        Ok(DirStateStore { dir })
+    }
+
+    fn path(&self, sandbox: &SandboxId) -> Result<PathBuf, StateError> {
+        validate_id(sandbox)?;
+        Ok(self.dir.join(format!("{}.json", sandbox.0)))
+    }
+
+    fn sync_dir(&self) -> Result<(), StateError> {
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut file = File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+impl StateStore for DirStateStore {
+    fn save(&self, record: &SandboxRecord) -> Result<(), StateError> {
+        let path = self.path(&record.sandbox)?;
+        let bytes = serde_json::to_vec_pretty(record).map_err(|source| StateError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
+        write_atomic(&path, &bytes).map_err(io(&path))?;
+        self.sync_dir()
+    }
+
+    fn delete(&self, sandbox: &SandboxId) -> Result<(), StateError> {
+        let path = self.path(sandbox)?;
+        match fs::remove_file(&path) {
+            Ok(()) => self.sync_dir(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    fn load_all(&self) -> Result<Vec<SandboxRecord>, StateError> {
+        let mut records = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+            let path = entry.map_err(io(&self.dir))?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let bytes = fs::read(&path).map_err(io(&path))?;
+            let record = serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
+            records.push(record);
+        }
+        records.sort_by(|a: &SandboxRecord, b| a.sandbox.cmp(&b.sandbox));
+        Ok(records)
+    }
+}
+
+/// A store in memory that records every call, for tests; `fail_save` makes saves fail.
+#[derive(Debug, Default)]
+pub struct MemoryStateStore {
+    /// The records, by sandbox.
+    pub records: Mutex<std::collections::BTreeMap<SandboxId, SandboxRecord>>,
+    /// When set, `save` fails.
+    pub fail_save: std::sync::atomic::AtomicBool,
+}
+
+impl StateStore for MemoryStateStore {
+    fn save(&self, record: &SandboxRecord) -> Result<(), StateError> {
+        if self.fail_save.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StateError::Io {
+                path: "memory".into(),
+                source: std::io::Error::other("disk full (test)"),
+            });
+        }
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(record.sandbox.clone(), record.clone());
+        Ok(())
+    }
+
+    fn delete(&self, sandbox: &SandboxId) -> Result<(), StateError> {
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(sandbox);
+        Ok(())
+    }
+
+    fn load_all(&self) -> Result<Vec<SandboxRecord>, StateError> {
+        Ok(self
+            .records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use randport_core::examples;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "randport-state-{name}-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ))
+    }
+
+    #[test]
+    fn records_round_trip_and_delete_is_idempotent() {
+        let dir = temp_dir("rt");
+        let store = DirStateStore::open(&dir).unwrap();
+        for r in examples::all() {
+            store.save(&r).unwrap();
+        }
+        let mut expected = examples::all();
+        expected.sort_by(|a, b| a.sandbox.cmp(&b.sandbox));
+        assert_eq!(store.load_all().unwrap(), expected);
+        let first = &expected[0].sandbox;
+        store.delete(first).unwrap();
+        store.delete(first).unwrap();
+        assert_eq!(store.load_all().unwrap().len(), expected.len() - 1);
+        // No temporary files are left behind.
+        assert!(
+            fs::read_dir(&dir)
+                .unwrap()
+                .all(|e| e.unwrap().path().extension().unwrap() == "json")
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_ids_and_corrupt_files_are_clear_errors() {
+        let dir = temp_dir("bad");
+        let store = DirStateStore::open(&dir).unwrap();
+        let mut r = examples::one_tcp();
+        r.sandbox = SandboxId("../../etc/passwd".into());
+        assert!(matches!(store.save(&r), Err(StateError::BadId(_))));
+        fs::write(dir.join("x.json"), "{").unwrap();
+        let err = store.load_all().unwrap_err().to_string();
+        assert!(
+            err.contains("x.json is corrupt")
+                && err.ends_with("move it away and restart randportd"),
+            "{err}"
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
