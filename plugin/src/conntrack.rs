@@ -96,3 +96,9 @@ impl Conntrack for FakeConntrack {
         Ok(())
     }
 }
+
+impl<T: Conntrack + ?Sized> Conntrack for std::sync::Arc<T> {
+    fn flush(&self, key: PortKey, port: u16) -> Result<(), ConntrackError> {
+        (**self).flush(key, port)
+    }
+}

@@ -424,3 +424,27 @@ impl Firewall for FakeFirewall {
         Ok(())
     }
 }
+
+impl<T: Firewall + ?Sized> Firewall for std::sync::Arc<T> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn replace_all(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
+        (**self).replace_all(records)
+    }
+    fn add(&self, record: &SandboxRecord) -> Result<(), FirewallError> {
+        (**self).add(record)
+    }
+    fn remove(&self, record: &SandboxRecord, remaining: &[SandboxRecord]) -> Result<(), FirewallError> {
+        (**self).remove(record, remaining)
+    }
+    fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError> {
+        (**self).verify(record)
+    }
+    fn intact(&self, records: &[SandboxRecord]) -> Result<bool, FirewallError> {
+        (**self).intact(records)
+    }
+    fn teardown(&self) -> Result<(), FirewallError> {
+        (**self).teardown()
+    }
+}

@@ -261,3 +261,9 @@ mod tests {
         }
     }
 }
+
+impl<T: PortHolder + ?Sized> PortHolder for std::sync::Arc<T> {
+    fn hold(&self, key: PortKey, port: u16) -> Result<HeldPort, HoldError> {
+        (**self).hold(key, port)
+    }
+}
