@@ -117,7 +117,7 @@ fn every_element_and_rule_is_tagged_with_its_sandbox() {
                 .lines()
             {
                 if line.starts_with("-A") {
-                    assert!(line.contains(&format!("--comment {tag}")), "{line}");
+                    assert!(line.contains(&format!("--comment \"{tag}\"")), "{line}");
                 }
             }
         }

@@ -109,6 +109,77 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Runs `f` on a new thread that has entered this namespace, and returns its
+    /// result. Sockets made there stay in the namespace after the thread ends.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    }
+
+    /// Runs `ip args…` inside the namespace (`ip -n <name> args…`), panicking on failure.
+    pub fn ip(&self, args: &[&str]) {
+        let out = Command::new("ip")
+            .arg("-n")
+            .arg(&self.name)
+            .args(args)
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip -n {} {}: {}",
+            self.name,
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A veth pair from this namespace (`local_if`, `local_addr`) to `peer` (`peer_if`,
+    /// `peer_addr`), both up; addresses in CIDR form.
+    pub fn veth(
+        &self,
+        local_if: &str,
+        local_addr: &str,
+        peer: &Netns,
+        peer_if: &str,
+        peer_addr: &str,
+    ) {
+        self.ip(&[
+            "link",
+            "add",
+            local_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer_if,
+            "netns",
+            peer.name(),
+        ]);
+        self.ip(&["addr", "add", local_addr, "dev", local_if]);
+        self.ip(&["link", "set", local_if, "up"]);
+        peer.ip(&["addr", "add", peer_addr, "dev", peer_if]);
+        peer.ip(&["link", "set", peer_if, "up"]);
+    }
+
+    /// Brings loopback up.
+    pub fn lo_up(&self) {
+        self.ip(&["link", "set", "lo", "up"]);
+    }
+
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        self.run_ok("sysctl", &["-qw", &format!("{key}={value}")], "");
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")

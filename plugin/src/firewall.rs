@@ -294,7 +294,7 @@ impl Firewall for IptablesFirewall {
     }
 
     fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError> {
-        let needle = format!("--comment {}", record.sandbox.tag());
+        let needle = format!("--comment \"{}\"", record.sandbox.tag());
         for family in FAMILIES {
             let found = Self::save(family)?
                 .lines()
@@ -316,7 +316,7 @@ impl Firewall for IptablesFirewall {
                 .sum();
             let tagged = saved
                 .lines()
-                .filter(|l| l.contains("--comment sb:"))
+                .filter(|l| l.contains("--comment \"sb:"))
                 .count();
             if tagged != expected || !Self::missing_jumps(&saved, family).is_empty() {
                 return Ok(false);
@@ -435,7 +435,11 @@ impl<T: Firewall + ?Sized> Firewall for std::sync::Arc<T> {
     fn add(&self, record: &SandboxRecord) -> Result<(), FirewallError> {
         (**self).add(record)
     }
-    fn remove(&self, record: &SandboxRecord, remaining: &[SandboxRecord]) -> Result<(), FirewallError> {
+    fn remove(
+        &self,
+        record: &SandboxRecord,
+        remaining: &[SandboxRecord],
+    ) -> Result<(), FirewallError> {
         (**self).remove(record, remaining)
     }
     fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError> {

@@ -447,12 +447,18 @@ impl FakePodSource {
     /// Adds or replaces a pod (keyed by namespace and name).
     pub fn put(&self, info: PodInfo) {
         let key = PodRef::new(info.pod.namespace.clone(), info.pod.name.clone());
-        self.pods.lock().unwrap_or_else(|e| e.into_inner()).insert(key, info);
+        self.pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, info);
     }
 
     /// Removes a pod.
     pub fn remove(&self, pod: &PodRef) {
-        self.pods.lock().unwrap_or_else(|e| e.into_inner()).remove(&PodRef::new(pod.namespace.clone(), pod.name.clone()));
+        self.pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&PodRef::new(pod.namespace.clone(), pod.name.clone()));
     }
 }
 
@@ -464,23 +470,44 @@ impl PodSource for FakePodSource {
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
             .cloned()
-            .ok_or_else(|| PodError::NotFound { pod: pod.clone(), source_name: "fake".into() })
+            .ok_or_else(|| PodError::NotFound {
+                pod: pod.clone(),
+                source_name: "fake".into(),
+            })
     }
 
     fn write_annotation(&self, pod: &PodRef, value: &str) -> Result<(), PodError> {
         if self.fail_write.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(PodError::Io { pod: pod.clone(), path: "fake".into(), source: std::io::Error::other("API unreachable (test)") });
+            return Err(PodError::Io {
+                pod: pod.clone(),
+                path: "fake".into(),
+                source: std::io::Error::other("API unreachable (test)"),
+            });
         }
-        self.writes.lock().unwrap_or_else(|e| e.into_inner()).push((pod.clone(), value.to_owned()));
+        self.writes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((pod.clone(), value.to_owned()));
         let key = PodRef::new(pod.namespace.clone(), pod.name.clone());
-        if let Some(info) = self.pods.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key) {
+        if let Some(info) = self
+            .pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&key)
+        {
             info.annotation = Some(value.to_owned());
         }
         Ok(())
     }
 
     fn list(&self) -> Result<Vec<PodInfo>, PodError> {
-        Ok(self.pods.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect())
+        Ok(self
+            .pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect())
     }
 }
 

@@ -45,7 +45,14 @@ fn node_with(range: &str, state: Arc<MemoryStateStore>, pods: Arc<FakePodSource>
         state: Box::new(Arc::clone(&state)),
         pods: Box::new(Arc::clone(&pods)),
     };
-    Node { agent: Agent::new(config(range), fx), firewall, holder, conntrack, state, pods }
+    Node {
+        agent: Agent::new(config(range), fx),
+        firewall,
+        holder,
+        conntrack,
+        state,
+        pods,
+    }
 }
 
 fn started(range: &str) -> Node {
@@ -57,7 +64,12 @@ fn started(range: &str) -> Node {
 fn pod(name: &str, annotation: Option<&str>, ports: Vec<ContainerPort>) -> PodInfo {
     let mut pod = PodRef::new("shop", name);
     pod.uid = format!("uid-{name}");
-    PodInfo { pod, node_name: Some("node-0".into()), ports, annotation: annotation.map(str::to_owned) }
+    PodInfo {
+        pod,
+        node_name: Some("node-0".into()),
+        ports,
+        annotation: annotation.map(str::to_owned),
+    }
 }
 
 fn get_pod(pods: &FakePodSource, name: &str) -> PodInfo {
@@ -65,11 +77,18 @@ fn get_pod(pods: &FakePodSource, name: &str) -> PodInfo {
 }
 
 fn web_ports() -> Vec<ContainerPort> {
-    vec![ContainerPort::new("web", 80, Protocol::Tcp), ContainerPort::new("dns", 53, Protocol::Udp)]
+    vec![
+        ContainerPort::new("web", 80, Protocol::Tcp),
+        ContainerPort::new("dns", 53, Protocol::Udp),
+    ]
 }
 
 fn add_req(name: &str, sandbox: &str, ip: &str) -> AddRequest {
-    AddRequest { sandbox: SandboxId(sandbox.into()), pod: PodRef::new("shop", name), pod_ips: vec![ip.parse().unwrap()] }
+    AddRequest {
+        sandbox: SandboxId(sandbox.into()),
+        pod: PodRef::new("shop", name),
+        pod_ips: vec![ip.parse().unwrap()],
+    }
 }
 
 fn error_code(node: &Node, req: Request) -> (u32, String) {
@@ -80,30 +99,77 @@ fn error_code(node: &Node, req: Request) -> (u32, String) {
 }
 
 fn assert_nothing_left(node: &Node) {
-    assert!(node.state.load_all().unwrap().is_empty(), "record left behind");
+    assert!(
+        node.state.load_all().unwrap().is_empty(),
+        "record left behind"
+    );
     assert!(node.agent.list().is_empty(), "mapping left in memory");
-    assert!(node.firewall.present.lock().unwrap().is_empty(), "rules left behind");
-    assert_eq!(node.agent.gauges().range_used, [0, 0, 0], "ports left allocated");
+    assert!(
+        node.firewall.present.lock().unwrap().is_empty(),
+        "rules left behind"
+    );
+    assert_eq!(
+        node.agent.gauges().range_used,
+        [0, 0, 0],
+        "ports left allocated"
+    );
 }
 
 #[test]
 fn add_runs_every_step_in_order() {
     let node = started("20000-20099");
     node.pods.put(pod("web-0", Some(""), web_ports()));
-    let record = node.agent.add(&add_req("web-0", "sb1", "198.18.0.5")).unwrap().unwrap();
+    let record = node
+        .agent
+        .add(&add_req("web-0", "sb1", "198.18.0.5"))
+        .unwrap()
+        .unwrap();
 
     assert_eq!(record.mappings.len(), 2);
-    assert!(record.mappings.iter().all(|m| (20000..=20099).contains(&m.host_port)));
+    assert!(
+        record
+            .mappings
+            .iter()
+            .all(|m| (20000..=20099).contains(&m.host_port))
+    );
     assert_eq!(record.pod.uid, "uid-web-0", "uid taken from the pod source");
     // Held, persisted, programmed, flushed (UDP only), written back.
-    let held: Vec<u16> = node.holder.calls.lock().unwrap().iter().map(|(_, p)| *p).collect();
-    assert_eq!(held, record.mappings.iter().map(|m| m.host_port).collect::<Vec<_>>());
+    let held: Vec<u16> = node
+        .holder
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, p)| *p)
+        .collect();
+    assert_eq!(
+        held,
+        record
+            .mappings
+            .iter()
+            .map(|m| m.host_port)
+            .collect::<Vec<_>>()
+    );
     assert_eq!(node.state.load_all().unwrap(), vec![record.clone()]);
-    assert_eq!(*node.firewall.calls.lock().unwrap(), vec!["replace_all(0)".to_owned(), "add(sb1)".to_owned()]);
-    let udp = record.mappings.iter().find(|m| m.protocol == Protocol::Udp).unwrap().host_port;
-    assert_eq!(*node.conntrack.flushed.lock().unwrap(), vec![(PortKey::any(Protocol::Udp), udp)]);
+    assert_eq!(
+        *node.firewall.calls.lock().unwrap(),
+        vec!["replace_all(0)".to_owned(), "add(sb1)".to_owned()]
+    );
+    let udp = record
+        .mappings
+        .iter()
+        .find(|m| m.protocol == Protocol::Udp)
+        .unwrap()
+        .host_port;
+    assert_eq!(
+        *node.conntrack.flushed.lock().unwrap(),
+        vec![(PortKey::any(Protocol::Udp), udp)]
+    );
     let writes = node.pods.writes.lock().unwrap().clone();
-    assert_eq!(writes, vec![(record.pod.clone(), encode(&record.annotation_entries()))]);
+    assert_eq!(
+        writes,
+        vec![(record.pod.clone(), encode(&record.annotation_entries()))]
+    );
     node.agent.check(&record.sandbox).unwrap();
 }
 
@@ -112,14 +178,32 @@ fn add_is_idempotent_and_refuses_a_reused_sandbox() {
     let node = started("20000-20099");
     node.pods.put(pod("web-0", Some(""), web_ports()));
     node.pods.put(pod("web-1", Some(""), web_ports()));
-    let first = node.agent.add(&add_req("web-0", "sb1", "198.18.0.5")).unwrap();
-    let again = node.agent.add(&add_req("web-0", "sb1", "198.18.0.5")).unwrap();
+    let first = node
+        .agent
+        .add(&add_req("web-0", "sb1", "198.18.0.5"))
+        .unwrap();
+    let again = node
+        .agent
+        .add(&add_req("web-0", "sb1", "198.18.0.5"))
+        .unwrap();
     assert_eq!(first, again);
     assert_eq!(node.holder.calls.lock().unwrap().len(), 2, "no new holds");
-    assert_eq!(node.firewall.calls.lock().unwrap().iter().filter(|c| c.starts_with("add")).count(), 1);
+    assert_eq!(
+        node.firewall
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.starts_with("add"))
+            .count(),
+        1
+    );
     let (code, details) = error_code(&node, Request::Add(add_req("web-1", "sb1", "198.18.0.6")));
     assert_eq!(code, 7);
-    assert!(details.contains("already mapped for pod shop/web-0"), "{details}");
+    assert!(
+        details.contains("already mapped for pod shop/web-0"),
+        "{details}"
+    );
 }
 
 #[test]
@@ -127,16 +211,34 @@ fn pod_without_annotation_gets_only_explicit_ports_and_no_writeback() {
     let node = started("20000-20099");
     let mut explicit = ContainerPort::new("web", 443, Protocol::Tcp);
     explicit.host_port = Some(8443);
-    node.pods.put(pod("plain", None, vec![ContainerPort::new("web", 80, Protocol::Tcp), explicit]));
-    let record = node.agent.add(&add_req("plain", "sb1", "198.18.0.5")).unwrap().unwrap();
+    node.pods.put(pod(
+        "plain",
+        None,
+        vec![ContainerPort::new("web", 80, Protocol::Tcp), explicit],
+    ));
+    let record = node
+        .agent
+        .add(&add_req("plain", "sb1", "198.18.0.5"))
+        .unwrap()
+        .unwrap();
     assert_eq!(record.mappings.len(), 1);
     assert_eq!(record.mappings[0].host_port, 8443);
     assert!(node.pods.writes.lock().unwrap().is_empty());
 
     node.pods.put(pod("nothing", None, web_ports()));
-    assert_eq!(node.agent.add(&add_req("nothing", "sb2", "198.18.0.6")).unwrap(), None);
+    assert_eq!(
+        node.agent
+            .add(&add_req("nothing", "sb2", "198.18.0.6"))
+            .unwrap(),
+        None
+    );
     node.pods.put(pod("portless", Some(""), vec![]));
-    assert_eq!(node.agent.add(&add_req("portless", "sb3", "198.18.0.7")).unwrap(), None);
+    assert_eq!(
+        node.agent
+            .add(&add_req("portless", "sb3", "198.18.0.7"))
+            .unwrap(),
+        None
+    );
     assert_eq!(node.pods.writes.lock().unwrap().last().unwrap().1, "[]");
 }
 
@@ -147,11 +249,20 @@ fn a_failing_firewall_undoes_the_add() {
     node.firewall.fail_add.store(true, Ordering::SeqCst);
     let (code, details) = error_code(&node, Request::Add(add_req("web-0", "sb1", "198.18.0.5")));
     assert_eq!(code, 103);
-    assert!(details.contains("injected failure") && details.contains("ports were released"), "{details}");
+    assert!(
+        details.contains("injected failure") && details.contains("ports were released"),
+        "{details}"
+    );
     assert_nothing_left(&node);
-    assert!(node.pods.writes.lock().unwrap().is_empty(), "no writeback after a failed step");
+    assert!(
+        node.pods.writes.lock().unwrap().is_empty(),
+        "no writeback after a failed step"
+    );
     node.firewall.fail_add.store(false, Ordering::SeqCst);
-    node.agent.add(&add_req("web-0", "sb1", "198.18.0.5")).unwrap().unwrap();
+    node.agent
+        .add(&add_req("web-0", "sb1", "198.18.0.5"))
+        .unwrap()
+        .unwrap();
 }
 
 #[test]
@@ -163,7 +274,15 @@ fn a_failing_state_store_undoes_the_add() {
     assert_eq!(code, 5);
     assert!(details.contains("disk full"), "{details}");
     assert_nothing_left(&node);
-    assert!(!node.firewall.calls.lock().unwrap().iter().any(|c| c.starts_with("add")));
+    assert!(
+        !node
+            .firewall
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|c| c.starts_with("add"))
+    );
 }
 
 #[test]
@@ -175,15 +294,30 @@ fn a_failing_writeback_undoes_the_add() {
     assert_eq!(code, 104);
     assert!(details.contains("API unreachable"), "{details}");
     assert_nothing_left(&node);
-    assert_eq!(*node.firewall.calls.lock().unwrap(), vec!["replace_all(0)", "add(sb1)", "remove(sb1)"]);
+    assert_eq!(
+        *node.firewall.calls.lock().unwrap(),
+        vec!["replace_all(0)", "add(sb1)", "remove(sb1)"]
+    );
 }
 
 #[test]
 fn busy_ports_are_skipped_and_explicit_busy_ports_fail() {
     let node = started("20000-20003");
-    node.holder.busy.lock().unwrap().extend([20000, 20001, 20003]);
-    node.pods.put(pod("web-0", Some(""), vec![ContainerPort::new("web", 80, Protocol::Tcp)]));
-    let record = node.agent.add(&add_req("web-0", "sb1", "198.18.0.5")).unwrap().unwrap();
+    node.holder
+        .busy
+        .lock()
+        .unwrap()
+        .extend([20000, 20001, 20003]);
+    node.pods.put(pod(
+        "web-0",
+        Some(""),
+        vec![ContainerPort::new("web", 80, Protocol::Tcp)],
+    ));
+    let record = node
+        .agent
+        .add(&add_req("web-0", "sb1", "198.18.0.5"))
+        .unwrap()
+        .unwrap();
     assert_eq!(record.mappings[0].host_port, 20002);
 
     let mut explicit = ContainerPort::new("web", 80, Protocol::Tcp);
@@ -191,12 +325,22 @@ fn busy_ports_are_skipped_and_explicit_busy_ports_fail() {
     node.pods.put(pod("web-1", None, vec![explicit]));
     let (code, details) = error_code(&node, Request::Add(add_req("web-1", "sb2", "198.18.0.6")));
     assert_eq!(code, 101);
-    assert!(details.contains("hostPort 20003/TCP, which another process on this node holds"), "{details}");
+    assert!(
+        details.contains("hostPort 20003/TCP, which another process on this node holds"),
+        "{details}"
+    );
 
-    node.pods.put(pod("web-2", Some(""), vec![ContainerPort::new("web", 80, Protocol::Tcp)]));
+    node.pods.put(pod(
+        "web-2",
+        Some(""),
+        vec![ContainerPort::new("web", 80, Protocol::Tcp)],
+    ));
     let (code, details) = error_code(&node, Request::Add(add_req("web-2", "sb3", "198.18.0.7")));
     assert_eq!(code, 101);
-    assert!(details.contains("no free TCP host port in range 20000-20003"), "{details}");
+    assert!(
+        details.contains("no free TCP host port in range 20000-20003"),
+        "{details}"
+    );
     assert_eq!(node.agent.list().len(), 1);
 }
 
@@ -206,10 +350,16 @@ fn bad_pods_change_nothing() {
     node.pods.put(pod("garbage", Some("{oops"), web_ports()));
     let (code, details) = error_code(&node, Request::Add(add_req("garbage", "sb1", "198.18.0.5")));
     assert_eq!(code, 102);
-    assert!(details.contains("pod shop/garbage") && details.contains("\"{oops\""), "{details}");
+    assert!(
+        details.contains("pod shop/garbage") && details.contains("\"{oops\""),
+        "{details}"
+    );
     let (code, _) = error_code(&node, Request::Add(add_req("missing", "sb2", "198.18.0.5")));
     assert_eq!(code, 11, "unknown pod: try again later");
-    let (code, details) = error_code(&node, Request::Add(add_req("garbage", "../x", "198.18.0.5")));
+    let (code, details) = error_code(
+        &node,
+        Request::Add(add_req("garbage", "../x", "198.18.0.5")),
+    );
     assert_eq!(code, 5);
     assert!(details.contains("not a valid container id"), "{details}");
     assert_nothing_left(&node);
@@ -221,39 +371,71 @@ fn del_releases_everything_and_is_idempotent() {
     let node = started("20000-20000");
     node.agent.del(&SandboxId("never-added".into())).unwrap();
     node.pods.put(pod("web-0", Some(""), web_ports()));
-    let record = node.agent.add(&add_req("web-0", "sb1", "198.18.0.5")).unwrap().unwrap();
+    let record = node
+        .agent
+        .add(&add_req("web-0", "sb1", "198.18.0.5"))
+        .unwrap()
+        .unwrap();
     node.conntrack.flushed.lock().unwrap().clear();
     node.agent.del(&record.sandbox).unwrap();
     node.agent.del(&record.sandbox).unwrap();
     assert_nothing_left(&node);
-    assert_eq!(*node.conntrack.flushed.lock().unwrap(), vec![(PortKey::any(Protocol::Udp), 20000)]);
+    assert_eq!(
+        *node.conntrack.flushed.lock().unwrap(),
+        vec![(PortKey::any(Protocol::Udp), 20000)]
+    );
     // The single port of the range is free again.
     node.pods.put(pod("web-1", Some(""), web_ports()));
-    node.agent.add(&add_req("web-1", "sb2", "198.18.0.6")).unwrap().unwrap();
+    node.agent
+        .add(&add_req("web-1", "sb2", "198.18.0.6"))
+        .unwrap()
+        .unwrap();
 }
 
 #[test]
 fn check_fails_when_a_rule_is_missing() {
     let node = started("20000-20099");
     node.pods.put(pod("web-0", Some(""), web_ports()));
-    node.agent.add(&add_req("web-0", "sb1", "198.18.0.5")).unwrap();
+    node.agent
+        .add(&add_req("web-0", "sb1", "198.18.0.5"))
+        .unwrap();
     node.agent.check(&SandboxId("sb1".into())).unwrap();
     node.agent.check(&SandboxId("unknown".into())).unwrap();
     node.firewall.present.lock().unwrap().clear();
-    let (code, details) = error_code(&node, Request::Check { sandbox: SandboxId("sb1".into()) });
+    let (code, details) = error_code(
+        &node,
+        Request::Check {
+            sandbox: SandboxId("sb1".into()),
+        },
+    );
     assert_eq!(code, 105);
-    assert!(details.contains("sandbox sb1 of pod shop/web-0: its fake rules are incomplete"), "{details}");
+    assert!(
+        details.contains("sandbox sb1 of pod shop/web-0: its fake rules are incomplete"),
+        "{details}"
+    );
 }
 
 #[test]
 fn gc_releases_every_sandbox_not_listed() {
     let node = started("20000-20099");
     for i in 0..3 {
-        node.pods.put(pod(&format!("web-{i}"), Some(""), web_ports()));
-        node.agent.add(&add_req(&format!("web-{i}"), &format!("sb{i}"), &format!("198.18.0.{}", 5 + i))).unwrap();
+        node.pods
+            .put(pod(&format!("web-{i}"), Some(""), web_ports()));
+        node.agent
+            .add(&add_req(
+                &format!("web-{i}"),
+                &format!("sb{i}"),
+                &format!("198.18.0.{}", 5 + i),
+            ))
+            .unwrap();
     }
     assert_eq!(node.agent.gc(&[SandboxId("sb1".into())]).unwrap(), 2);
-    let left: Vec<String> = node.agent.list().iter().map(|r| r.sandbox.0.clone()).collect();
+    let left: Vec<String> = node
+        .agent
+        .list()
+        .iter()
+        .map(|r| r.sandbox.0.clone())
+        .collect();
     assert_eq!(left, vec!["sb1"]);
     assert_eq!(node.state.load_all().unwrap().len(), 1);
 }
@@ -262,12 +444,24 @@ fn gc_releases_every_sandbox_not_listed() {
 fn not_ready_until_started() {
     let node = node_with("20000-20099", Arc::default(), Arc::default());
     node.pods.put(pod("web-0", Some(""), web_ports()));
-    assert_eq!(node.agent.handle(Request::Status), Response::Ok { records: vec![], ready: false });
+    assert_eq!(
+        node.agent.handle(Request::Status),
+        Response::Ok {
+            records: vec![],
+            ready: false
+        }
+    );
     let (code, details) = error_code(&node, Request::Add(add_req("web-0", "sb1", "198.18.0.5")));
     assert_eq!(code, 11);
     assert!(details.contains("still starting"));
     node.agent.start().unwrap();
-    assert_eq!(node.agent.handle(Request::Status), Response::Ok { records: vec![], ready: true });
+    assert_eq!(
+        node.agent.handle(Request::Status),
+        Response::Ok {
+            records: vec![],
+            ready: true
+        }
+    );
 }
 
 #[test]
@@ -278,7 +472,14 @@ fn restart_restores_reconciles_and_rebuilds_in_one_batch() {
     first.agent.start().unwrap();
     for i in 0..3 {
         pods.put(pod(&format!("web-{i}"), Some(""), web_ports()));
-        first.agent.add(&add_req(&format!("web-{i}"), &format!("sb{i}"), &format!("198.18.0.{}", 5 + i))).unwrap();
+        first
+            .agent
+            .add(&add_req(
+                &format!("web-{i}"),
+                &format!("sb{i}"),
+                &format!("198.18.0.{}", 5 + i),
+            ))
+            .unwrap();
     }
     let before = first.agent.list();
     drop(first);
@@ -294,15 +495,37 @@ fn restart_restores_reconciles_and_rebuilds_in_one_batch() {
     assert_eq!(report.restored, 3);
     assert_eq!(report.released, vec![SandboxId("sb1".into())]);
     assert_eq!(report.rewritten, vec![before[2].pod.clone()]);
-    assert_eq!(second.firewall.calls.lock().unwrap()[0], "replace_all(3)", "one batch with every restored sandbox");
-    assert_eq!(second.holder.calls.lock().unwrap().len(), 6, "every port held again");
-    assert_eq!(second.agent.list(), vec![before[0].clone(), before[2].clone()]);
-    assert_eq!(get_pod(&pods, "web-2").annotation.unwrap(), encode(&before[2].annotation_entries()));
+    assert_eq!(
+        second.firewall.calls.lock().unwrap()[0],
+        "replace_all(3)",
+        "one batch with every restored sandbox"
+    );
+    assert_eq!(
+        second.holder.calls.lock().unwrap().len(),
+        6,
+        "every port held again"
+    );
+    assert_eq!(
+        second.agent.list(),
+        vec![before[0].clone(), before[2].clone()]
+    );
+    assert_eq!(
+        get_pod(&pods, "web-2").annotation.unwrap(),
+        encode(&before[2].annotation_entries())
+    );
     // Restored ports are not handed out again.
     pods.put(pod("web-9", Some(""), web_ports()));
-    let new = second.agent.add(&add_req("web-9", "sb9", "198.18.0.20")).unwrap().unwrap();
+    let new = second
+        .agent
+        .add(&add_req("web-9", "sb9", "198.18.0.20"))
+        .unwrap()
+        .unwrap();
     for m in &new.mappings {
-        let clash = before[0].mappings.iter().chain(&before[2].mappings).any(|o| o.host_port == m.host_port && o.protocol == m.protocol);
+        let clash = before[0]
+            .mappings
+            .iter()
+            .chain(&before[2].mappings)
+            .any(|o| o.host_port == m.host_port && o.protocol == m.protocol);
         assert!(!clash, "{m:?} handed out twice");
     }
 }
@@ -311,22 +534,36 @@ fn restart_restores_reconciles_and_rebuilds_in_one_batch() {
 fn repair_reapplies_a_flushed_firewall() {
     let node = started("20000-20099");
     node.pods.put(pod("web-0", Some(""), web_ports()));
-    node.agent.add(&add_req("web-0", "sb1", "198.18.0.5")).unwrap();
+    node.agent
+        .add(&add_req("web-0", "sb1", "198.18.0.5"))
+        .unwrap();
     assert!(!node.agent.repair().unwrap());
     node.firewall.teardown().unwrap();
     assert!(node.agent.repair().unwrap());
-    assert_eq!(node.firewall.calls.lock().unwrap().last().unwrap(), "replace_all(1)");
+    assert_eq!(
+        node.firewall.calls.lock().unwrap().last().unwrap(),
+        "replace_all(1)"
+    );
     node.agent.check(&SandboxId("sb1".into())).unwrap();
-    assert!(node.agent.metrics.render(node.agent.gauges()).contains("randport_firewall_repairs_total 1"));
+    assert!(
+        node.agent
+            .metrics
+            .render(node.agent.gauges())
+            .contains("randport_firewall_repairs_total 1")
+    );
 }
 
 #[test]
 fn handle_counts_requests_and_failures() {
     let node = started("20000-20099");
     node.pods.put(pod("web-0", Some(""), web_ports()));
-    node.agent.handle(Request::Add(add_req("web-0", "sb1", "198.18.0.5")));
-    node.agent.handle(Request::Add(add_req("gone", "sb2", "198.18.0.6")));
-    node.agent.handle(Request::Del { sandbox: SandboxId("sb1".into()) });
+    node.agent
+        .handle(Request::Add(add_req("web-0", "sb1", "198.18.0.5")));
+    node.agent
+        .handle(Request::Add(add_req("gone", "sb2", "198.18.0.6")));
+    node.agent.handle(Request::Del {
+        sandbox: SandboxId("sb1".into()),
+    });
     let text = node.agent.metrics.render(node.agent.gauges());
     for line in [
         "randport_cni_requests_total{verb=\"ADD\"} 1",

@@ -132,7 +132,7 @@ fn rules(family: IpFamily, record: &SandboxRecord) -> Vec<(&'static str, String)
         out.push((
             HOSTPORTS_CHAIN,
             format!(
-                "{dst}-p {proto} -m {proto} --dport {} -m comment --comment {tag} -j DNAT --to-destination {}",
+                "{dst}-p {proto} -m {proto} --dport {} -m comment --comment \"{tag}\" -j DNAT --to-destination {}",
                 m.host_port,
                 endpoint(&d.pod_ip, m.container_port)
             ),
@@ -141,7 +141,7 @@ fn rules(family: IpFamily, record: &SandboxRecord) -> Vec<(&'static str, String)
     for ip in hairpin_ips(record).into_iter().filter(|ip| is(family, ip)) {
         out.push((
             POSTROUTING_CHAIN,
-            format!("-s {ip}/{bits} -d {ip}/{bits} -m conntrack --ctstate DNAT -m comment --comment {tag} -j MASQUERADE"),
+            format!("-s {ip}/{bits} -d {ip}/{bits} -m conntrack --ctstate DNAT -m comment --comment \"{tag}\" -j MASQUERADE"),
         ));
     }
     out

@@ -1,0 +1,439 @@
+//! Root-only: the real `randportd` and `randport` on the real kernel, in fresh network
+//! namespaces (a node, two pods, an outside client), on both firewall backends. TCP and
+//! UDP through nodeIP:hostPort reach the right pod, stop after DEL, survive an agent
+//! restart, and come back within 2 s after someone flushes our rules.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use randport_core::annotation::{AnnotationValue, decode};
+use randport_core::{PodRef, Protocol};
+use randport_itests::{Netns, have, in_ci, root_or_skip};
+use serde_json::{Value, json};
+
+const NODE_IP: &str = "192.0.2.1";
+
+/// A running agent, killed (by its own pid) when dropped.
+struct AgentProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Cluster {
+    node: Netns,
+    client: Netns,
+    pods: Vec<(String, Netns)>,
+    dir: PathBuf,
+    backend: &'static str,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Serves TCP (greets with the pod's name, then echoes lines) and UDP (answers every
+/// datagram with the pod's name) inside `ns`.
+fn serve(ns: &Netns, name: &str) {
+    let (tcp, udp) = ns.enter(|| {
+        (
+            TcpListener::bind("0.0.0.0:8080").unwrap(),
+            UdpSocket::bind("0.0.0.0:8081").unwrap(),
+        )
+    });
+    let tcp_name = name.to_owned();
+    std::thread::spawn(move || {
+        for stream in tcp.incoming().flatten() {
+            let name = tcp_name.clone();
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().unwrap();
+                let _ = writeln!(writer, "{name}");
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = writeln!(writer, "{line}");
+                }
+            });
+        }
+    });
+    let udp_name = name.to_owned();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(udp_name.as_bytes(), from);
+        }
+    });
+}
+
+impl Cluster {
+    fn new(backend: &'static str) -> Cluster {
+        let node = Netns::create("node");
+        let client = Netns::create("client");
+        for ns in [&node, &client] {
+            ns.lo_up();
+        }
+        node.veth(
+            "uplink",
+            &format!("{NODE_IP}/24"),
+            &client,
+            "eth0",
+            "192.0.2.254/24",
+        );
+        node.sysctl("net.ipv4.ip_forward", "1");
+        let mut pods = Vec::new();
+        for (i, name) in ["pod-a", "pod-b"].into_iter().enumerate() {
+            let ns = Netns::create(name);
+            ns.lo_up();
+            node.veth(
+                &format!("veth{i}"),
+                &format!("198.18.{i}.1/24"),
+                &ns,
+                "eth0",
+                &format!("198.18.{i}.2/24"),
+            );
+            ns.ip(&["route", "add", "default", "via", &format!("198.18.{i}.1")]);
+            serve(&ns, name);
+            pods.push((name.to_owned(), ns));
+        }
+        let dir = std::env::temp_dir().join(format!("randport-kernel-{}-{}", node.name(), backend));
+        std::fs::create_dir_all(dir.join("pods/shop")).unwrap();
+        for (name, _) in &pods {
+            let pod = json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+                             "annotations": {"tkestack.io/portmapping": ""}},
+                "spec": {"nodeName": "node-0", "containers": [{"name": "echo", "ports": [
+                    {"containerPort": 8080, "protocol": "TCP"}, {"containerPort": 8081, "protocol": "UDP"}]}]}
+            });
+            std::fs::write(dir.join(format!("pods/shop/{name}.json")), pod.to_string()).unwrap();
+        }
+        Cluster {
+            node,
+            client,
+            pods,
+            dir,
+            backend,
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    fn start_agent(&self) -> AgentProcess {
+        let log = self.dir.join("agent.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let _ = std::fs::remove_file(self.socket());
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                self.node.name(),
+                env!("CARGO_BIN_EXE_randportd"),
+            ])
+            .args([
+                "--node-name",
+                "node-0",
+                "--port-range",
+                "20000-20999",
+                "--metrics-addr",
+                "off",
+            ])
+            .args(["--repair-interval-ms", "300", "--firewall", self.backend])
+            .arg("--pods")
+            .arg(format!("dir:{}", self.dir.join("pods").display()))
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start randportd");
+        let agent = AgentProcess { child, log };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (ok, _) = self.cni("STATUS", "", "");
+            if ok {
+                return agent;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "randportd did not become ready:\n{}",
+                std::fs::read_to_string(&agent.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs the plugin as a runtime would; (success, stdout).
+    fn cni(&self, command: &str, sandbox: &str, pod: &str) -> (bool, String) {
+        let pod_index = self.pods.iter().position(|(n, _)| n == pod).unwrap_or(0);
+        let conf = json!({
+            "cniVersion": "1.1.0", "name": "sim", "type": "randport", "socket": self.socket(),
+            "prevResult": {"cniVersion": "1.1.0", "interfaces": [{"name": "eth0"}],
+                           "ips": [{"address": format!("198.18.{pod_index}.2/24"), "gateway": format!("198.18.{pod_index}.1")}]}
+        });
+        let mut child = Command::new(env!("CARGO_BIN_EXE_randport"))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", sandbox)
+            .env("CNI_NETNS", "/run/netns/unused")
+            .env("CNI_IFNAME", "eth0")
+            .env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod}"),
+            )
+            .env("CNI_PATH", "/opt/cni/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    fn add(&self, pod: &str) -> (u16, u16) {
+        let (ok, stdout) = self.cni("ADD", &format!("sb-{pod}"), pod);
+        assert!(ok, "ADD {pod} failed: {stdout}");
+        let printed: Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(
+            printed["ips"][0]["address"],
+            format!(
+                "198.18.{}.2/24",
+                self.pods.iter().position(|(n, _)| n == pod).unwrap()
+            )
+        );
+        self.host_ports(pod)
+    }
+
+    /// The (TCP, UDP) host ports written into the pod's annotation.
+    fn host_ports(&self, pod: &str) -> (u16, u16) {
+        let object: Value = serde_json::from_slice(
+            &std::fs::read(self.dir.join(format!("pods/shop/{pod}.json"))).unwrap(),
+        )
+        .unwrap();
+        let value = object["metadata"]["annotations"]["tkestack.io/portmapping"]
+            .as_str()
+            .unwrap();
+        let AnnotationValue::Mapped(entries) = decode(&PodRef::new("shop", pod), value).unwrap()
+        else {
+            panic!("no mapping written for {pod}: {value:?}");
+        };
+        let port = |p: Protocol| entries.iter().find(|e| e.protocol == p).unwrap().host_port;
+        (port(Protocol::Tcp), port(Protocol::Udp))
+    }
+}
+
+/// From the outside client: the first line a TCP connection to nodeIP:port gets.
+fn tcp_hello(client: &Netns, port: u16) -> Result<String, String> {
+    let stream = client.enter(move || {
+        TcpStream::connect_timeout(
+            &SocketAddr::new(NODE_IP.parse().unwrap(), port),
+            Duration::from_secs(2),
+        )
+    });
+    let stream = stream.map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    Ok(line.trim().to_owned())
+}
+
+/// From the outside client: the answer to a UDP datagram to nodeIP:port.
+fn udp_hello(client: &Netns, port: u16) -> Result<String, String> {
+    let socket = client.enter(|| UdpSocket::bind("0.0.0.0:0").unwrap());
+    socket
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    socket
+        .send_to(b"hello", (NODE_IP, port))
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf).map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn ready(test: &str, backend: &str) -> bool {
+    if !root_or_skip(test) {
+        return false;
+    }
+    let tool = if backend == "nftables" {
+        "nft"
+    } else {
+        "iptables-restore"
+    };
+    for tool in [tool, "conntrack"] {
+        if !have(tool) {
+            assert!(
+                !in_ci(),
+                "{test}: {tool} is not installed; `just test` installs it"
+            );
+            eprintln!("SKIPPED {test}: {tool} is not installed; `just test` installs it");
+            return false;
+        }
+    }
+    true
+}
+
+fn traffic_reaches_the_right_pod_and_stops_after_del(backend: &'static str) {
+    let cluster = Cluster::new(backend);
+    let _agent = cluster.start_agent();
+    let (a_tcp, a_udp) = cluster.add("pod-a");
+    let (b_tcp, b_udp) = cluster.add("pod-b");
+    assert_ne!(a_tcp, b_tcp);
+    assert_eq!(tcp_hello(&cluster.client, a_tcp).as_deref(), Ok("pod-a"));
+    assert_eq!(udp_hello(&cluster.client, a_udp).as_deref(), Ok("pod-a"));
+    assert_eq!(tcp_hello(&cluster.client, b_tcp).as_deref(), Ok("pod-b"));
+    assert_eq!(udp_hello(&cluster.client, b_udp).as_deref(), Ok("pod-b"));
+
+    // ADD again: same ports. CHECK passes.
+    assert_eq!(cluster.add("pod-a"), (a_tcp, a_udp));
+    assert!(cluster.cni("CHECK", "sb-pod-a", "pod-a").0);
+    // The host port is held on the node: nothing else can bind it.
+    let held = cluster
+        .node
+        .enter(move || TcpListener::bind(("0.0.0.0", a_tcp)).is_err());
+    assert!(held, "host port {a_tcp} is not held");
+
+    let (ok, out) = cluster.cni("DEL", "sb-pod-a", "pod-a");
+    assert!(ok, "DEL failed: {out}");
+    assert!(
+        tcp_hello(&cluster.client, a_tcp).is_err(),
+        "TCP still answers after DEL"
+    );
+    assert!(
+        udp_hello(&cluster.client, a_udp).is_err(),
+        "UDP still answers after DEL"
+    );
+    assert_eq!(
+        tcp_hello(&cluster.client, b_tcp).as_deref(),
+        Ok("pod-b"),
+        "the other pod lost its mapping"
+    );
+    let freed = cluster
+        .node
+        .enter(move || TcpListener::bind(("0.0.0.0", a_tcp)).is_ok());
+    assert!(freed, "host port {a_tcp} still held after DEL");
+    assert!(
+        cluster.cni("DEL", "sb-pod-a", "pod-a").0,
+        "a second DEL must succeed"
+    );
+}
+
+fn restart_keeps_connections_and_flushes_are_repaired(backend: &'static str) {
+    let cluster = Cluster::new(backend);
+    let agent = cluster.start_agent();
+    let (tcp, udp) = cluster.add("pod-a");
+
+    // An established connection through the mapping survives a SIGKILL and restart.
+    let stream = cluster
+        .client
+        .enter(move || TcpStream::connect((NODE_IP, tcp)).unwrap());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "pod-a");
+    drop(agent);
+    let _agent = cluster.start_agent();
+    (&stream).write_all(b"still there\n").unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "still there");
+    assert_eq!(cluster.host_ports("pod-a"), (tcp, udp));
+    assert_eq!(udp_hello(&cluster.client, udp).as_deref(), Ok("pod-a"));
+
+    // Someone flushes our rules: new connections work again within 2 s.
+    let flush: &[&str] = if backend == "nftables" {
+        &["nft", "flush", "table", "inet", "randport"]
+    } else {
+        &["iptables", "-t", "nat", "-F", "RANDPORT-HOSTPORTS"]
+    };
+    cluster.node.run_ok(flush[0], &flush[1..], "");
+    let flushed = Instant::now();
+    loop {
+        if tcp_hello(&cluster.client, tcp).as_deref() == Ok("pod-a") {
+            break;
+        }
+        assert!(
+            flushed.elapsed() < Duration::from_secs(2),
+            "mapping not repaired within 2 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut log = String::new();
+    std::fs::File::open(&_agent.log)
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(log.contains("flushed by someone else; re-applied"), "{log}");
+    let _ = Path::new(&cluster.dir);
+}
+
+#[test]
+fn nftables_traffic_reaches_the_right_pod_and_stops_after_del() {
+    if ready(
+        "nftables_traffic_reaches_the_right_pod_and_stops_after_del",
+        "nftables",
+    ) {
+        traffic_reaches_the_right_pod_and_stops_after_del("nftables");
+    }
+}
+
+#[test]
+fn iptables_traffic_reaches_the_right_pod_and_stops_after_del() {
+    if ready(
+        "iptables_traffic_reaches_the_right_pod_and_stops_after_del",
+        "iptables",
+    ) {
+        traffic_reaches_the_right_pod_and_stops_after_del("iptables");
+    }
+}
+
+#[test]
+fn nftables_restart_keeps_connections_and_flushes_are_repaired() {
+    if ready(
+        "nftables_restart_keeps_connections_and_flushes_are_repaired",
+        "nftables",
+    ) {
+        restart_keeps_connections_and_flushes_are_repaired("nftables");
+    }
+}
+
+#[test]
+fn iptables_restart_keeps_connections_and_flushes_are_repaired() {
+    if ready(
+        "iptables_restart_keeps_connections_and_flushes_are_repaired",
+        "iptables",
+    ) {
+        restart_keeps_connections_and_flushes_are_repaired("iptables");
+    }
+}
