@@ -408,8 +408,11 @@ impl Agent {
         }
         inner.holds.insert(record.sandbox.clone(), holds);
         inner.records.insert(record.sandbox.clone(), record.clone());
-        // 6. Conntrack, after the rules.
-        self.flush_conntrack(&record);
+        // 6. Conntrack, after the rules. A failure leaves stale UDP flows, not a broken
+        // mapping: it is reported, not undone.
+        for warning in self.flush_conntrack(&record) {
+            eprintln!("randportd: warning: pod {}: {warning}", record.pod);
+        }
         // 7. Writeback.
         if request.mapping_requested {
             let value = annotation::encode(&record.annotation_entries());

@@ -183,6 +183,12 @@ impl PortHolder for FakeHolder {
     }
 }
 
+impl<T: PortHolder + ?Sized> PortHolder for std::sync::Arc<T> {
+    fn hold(&self, key: PortKey, port: u16) -> Result<HeldPort, HoldError> {
+        (**self).hold(key, port)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,11 +265,5 @@ mod tests {
             }
             Err(other) => panic!("unexpected: {other}"),
         }
-    }
-}
-
-impl<T: PortHolder + ?Sized> PortHolder for std::sync::Arc<T> {
-    fn hold(&self, key: PortKey, port: u16) -> Result<HeldPort, HoldError> {
-        (**self).hold(key, port)
     }
 }

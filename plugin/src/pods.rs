@@ -294,6 +294,97 @@ impl PodSource for DirPodSource {
     }
 }
 
+/// Pods in memory, recording every annotation write; `fail_write` makes writes fail.
+#[derive(Debug, Default)]
+pub struct FakePodSource {
+    /// The pods, by reference.
+    pub pods: std::sync::Mutex<std::collections::BTreeMap<PodRef, PodInfo>>,
+    /// Every (pod, value) written, in order.
+    pub writes: std::sync::Mutex<Vec<(PodRef, String)>>,
+    /// When set, writes fail.
+    pub fail_write: std::sync::atomic::AtomicBool,
+}
+
+impl FakePodSource {
+    /// Adds or replaces a pod (keyed by namespace and name).
+    pub fn put(&self, info: PodInfo) {
+        let key = PodRef::new(info.pod.namespace.clone(), info.pod.name.clone());
+        self.pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, info);
+    }
+
+    /// Removes a pod.
+    pub fn remove(&self, pod: &PodRef) {
+        self.pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&PodRef::new(pod.namespace.clone(), pod.name.clone()));
+    }
+}
+
+impl PodSource for FakePodSource {
+    fn get(&self, pod: &PodRef) -> Result<PodInfo, PodError> {
+        let key = PodRef::new(pod.namespace.clone(), pod.name.clone());
+        self.pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| PodError::NotFound {
+                pod: pod.clone(),
+                source_name: "fake".into(),
+            })
+    }
+
+    fn write_annotation(&self, pod: &PodRef, value: &str) -> Result<(), PodError> {
+        if self.fail_write.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(PodError::Io {
+                pod: pod.clone(),
+                path: "fake".into(),
+                source: std::io::Error::other("API unreachable (test)"),
+            });
+        }
+        self.writes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((pod.clone(), value.to_owned()));
+        let key = PodRef::new(pod.namespace.clone(), pod.name.clone());
+        if let Some(info) = self
+            .pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&key)
+        {
+            info.annotation = Some(value.to_owned());
+        }
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<PodInfo>, PodError> {
+        Ok(self
+            .pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect())
+    }
+}
+
+impl<T: PodSource + ?Sized> PodSource for std::sync::Arc<T> {
+    fn get(&self, pod: &PodRef) -> Result<PodInfo, PodError> {
+        (**self).get(pod)
+    }
+    fn write_annotation(&self, pod: &PodRef, value: &str) -> Result<(), PodError> {
+        (**self).write_annotation(pod, value)
+    }
+    fn list(&self) -> Result<Vec<PodInfo>, PodError> {
+        (**self).list()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,96 +520,5 @@ mod tests {
             0
         );
         fs::remove_dir_all(root).unwrap();
-    }
-}
-
-/// Pods in memory, recording every annotation write; `fail_write` makes writes fail.
-#[derive(Debug, Default)]
-pub struct FakePodSource {
-    /// The pods, by reference.
-    pub pods: std::sync::Mutex<std::collections::BTreeMap<PodRef, PodInfo>>,
-    /// Every (pod, value) written, in order.
-    pub writes: std::sync::Mutex<Vec<(PodRef, String)>>,
-    /// When set, writes fail.
-    pub fail_write: std::sync::atomic::AtomicBool,
-}
-
-impl FakePodSource {
-    /// Adds or replaces a pod (keyed by namespace and name).
-    pub fn put(&self, info: PodInfo) {
-        let key = PodRef::new(info.pod.namespace.clone(), info.pod.name.clone());
-        self.pods
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, info);
-    }
-
-    /// Removes a pod.
-    pub fn remove(&self, pod: &PodRef) {
-        self.pods
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&PodRef::new(pod.namespace.clone(), pod.name.clone()));
-    }
-}
-
-impl PodSource for FakePodSource {
-    fn get(&self, pod: &PodRef) -> Result<PodInfo, PodError> {
-        let key = PodRef::new(pod.namespace.clone(), pod.name.clone());
-        self.pods
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| PodError::NotFound {
-                pod: pod.clone(),
-                source_name: "fake".into(),
-            })
-    }
-
-    fn write_annotation(&self, pod: &PodRef, value: &str) -> Result<(), PodError> {
-        if self.fail_write.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(PodError::Io {
-                pod: pod.clone(),
-                path: "fake".into(),
-                source: std::io::Error::other("API unreachable (test)"),
-            });
-        }
-        self.writes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((pod.clone(), value.to_owned()));
-        let key = PodRef::new(pod.namespace.clone(), pod.name.clone());
-        if let Some(info) = self
-            .pods
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&key)
-        {
-            info.annotation = Some(value.to_owned());
-        }
-        Ok(())
-    }
-
-    fn list(&self) -> Result<Vec<PodInfo>, PodError> {
-        Ok(self
-            .pods
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect())
-    }
-}
-
-impl<T: PodSource + ?Sized> PodSource for std::sync::Arc<T> {
-    fn get(&self, pod: &PodRef) -> Result<PodInfo, PodError> {
-        (**self).get(pod)
-    }
-    fn write_annotation(&self, pod: &PodRef, value: &str) -> Result<(), PodError> {
-        (**self).write_annotation(pod, value)
-    }
-    fn list(&self) -> Result<Vec<PodInfo>, PodError> {
-        (**self).list()
     }
 }

@@ -2,7 +2,7 @@
 //! and the peer's uid checked), the metrics and health HTTP endpoint, and the watchdog
 //! that re-applies our rules when someone flushes them.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -68,6 +68,10 @@ pub fn serve_connection(agent: &Agent, mut stream: UnixStream, allowed_uid: u32)
         let bytes = match read_limited(&mut stream, MAX_REQUEST) {
             Ok(bytes) => bytes,
             Err(RpcError::TooLong(n)) => {
+                // Drain (boundedly) what the client still sends, so that it reads the
+                // error instead of a connection reset.
+                let limit = 16 * MAX_REQUEST as u64;
+                let _ = std::io::copy(&mut (&stream).take(limit), &mut std::io::sink());
                 return error(
                     6,
                     "Failed to decode content",
@@ -146,5 +150,146 @@ pub fn watchdog(agent: Arc<Agent>, interval: Duration) {
             Ok(false) => {}
             Err(e) => eprintln!("randportd: checking the firewall: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::{AgentConfig, Effects};
+    use crate::conntrack::FakeConntrack;
+    use crate::firewall::FakeFirewall;
+    use crate::holder::FakeHolder;
+    use crate::pods::FakePodSource;
+    use crate::state::MemoryStateStore;
+
+    fn agent() -> Agent {
+        let fx = Effects {
+            firewall: Box::new(FakeFirewall::default()),
+            holder: Box::new(FakeHolder::default()),
+            conntrack: Box::new(FakeConntrack::default()),
+            state: Box::new(MemoryStateStore::default()),
+            pods: Box::new(FakePodSource::default()),
+        };
+        let config = AgentConfig {
+            node_name: "n".into(),
+            port_range: randport_core::PortRange::DEFAULT,
+            reserved: randport_core::ReservedPorts::none(),
+            annotation_key: "k".into(),
+            pod_wait: Duration::ZERO,
+        };
+        Agent::new(config, fx)
+    }
+
+    /// Sends `bytes` as a request over a socket pair and returns the parsed response.
+    fn exchange(agent: &Agent, bytes: &[u8], allowed_uid: u32) -> Response {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let bytes = bytes.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = client.write_all(&bytes);
+            let _ = client.shutdown(std::net::Shutdown::Write);
+            let mut out = Vec::new();
+            client.read_to_end(&mut out).unwrap();
+            out
+        });
+        serve_connection(agent, server, allowed_uid);
+        serde_json::from_slice(&writer.join().unwrap()).unwrap()
+    }
+
+    fn code(response: Response) -> (u32, String) {
+        match response {
+            Response::Error(e) => (e.code, e.details),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn answers_requests_from_the_allowed_uid() {
+        let agent = agent();
+        let me = nix::unistd::geteuid().as_raw();
+        assert_eq!(
+            exchange(&agent, br#"{"verb":"STATUS"}"#, me),
+            Response::Ok {
+                records: vec![],
+                ready: false
+            }
+        );
+    }
+
+    #[test]
+    fn refuses_other_peers() {
+        let agent = agent();
+        let other = nix::unistd::geteuid().as_raw() + 4242;
+        let (code, details) = code(exchange(&agent, br#"{"verb":"STATUS"}"#, other));
+        assert_eq!(code, 126);
+        assert!(details.contains("may not use randportd"), "{details}");
+    }
+
+    #[test]
+    fn garbage_and_oversized_requests_get_errors_not_panics() {
+        let agent = agent();
+        let me = nix::unistd::geteuid().as_raw();
+        for garbage in [
+            &b"{not json"[..],
+            b"",
+            b"\xff\xfe",
+            br#"{"verb":"NOPE"}"#,
+            br#"{"verb":"ADD","sandbox":1}"#,
+        ] {
+            let (code, details) = code(exchange(&agent, garbage, me));
+            assert_eq!(code, 6, "{details}");
+            assert!(details.starts_with("malformed request"), "{details}");
+        }
+        let huge = vec![b' '; MAX_REQUEST + 10];
+        let (code, details) = code(exchange(&agent, &huge, me));
+        assert_eq!(
+            (code, details.as_str()),
+            (6, "request longer than 1048576 bytes")
+        );
+    }
+
+    #[test]
+    fn socket_is_root_only() {
+        let dir = std::env::temp_dir().join(format!(
+            "randport-sock-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        let path = dir.join("agent.sock");
+        let _first = bind_socket(&path).unwrap();
+        // A stale socket file is replaced.
+        let _listener = bind_socket(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn http_serves_metrics_health_and_readiness() {
+        let agent = Arc::new(agent());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        {
+            let agent = Arc::clone(&agent);
+            std::thread::spawn(move || serve_http(agent, listener));
+        }
+        let get = |path: &str| {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+            let mut text = String::new();
+            stream.read_to_string(&mut text).unwrap();
+            text
+        };
+        assert!(get("/healthz").starts_with("HTTP/1.0 200 OK"));
+        assert!(get("/readyz").starts_with("HTTP/1.0 503"));
+        agent.start().unwrap();
+        assert!(get("/readyz").starts_with("HTTP/1.0 200 OK"));
+        let metrics = get("/metrics");
+        assert!(
+            metrics.contains("\r\n\r\n# HELP randport_mappings")
+                && metrics.contains("randport_ready 1"),
+            "{metrics}"
+        );
+        assert!(get("/nope").starts_with("HTTP/1.0 404"));
     }
 }

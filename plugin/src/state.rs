@@ -192,6 +192,18 @@ impl StateStore for MemoryStateStore {
     }
 }
 
+impl<T: StateStore + ?Sized> StateStore for std::sync::Arc<T> {
+    fn save(&self, record: &SandboxRecord) -> Result<(), StateError> {
+        (**self).save(record)
+    }
+    fn delete(&self, sandbox: &SandboxId) -> Result<(), StateError> {
+        (**self).delete(sandbox)
+    }
+    fn load_all(&self) -> Result<Vec<SandboxRecord>, StateError> {
+        (**self).load_all()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,17 +255,5 @@ mod tests {
             "{err}"
         );
         fs::remove_dir_all(dir).unwrap();
-    }
-}
-
-impl<T: StateStore + ?Sized> StateStore for std::sync::Arc<T> {
-    fn save(&self, record: &SandboxRecord) -> Result<(), StateError> {
-        (**self).save(record)
-    }
-    fn delete(&self, sandbox: &SandboxId) -> Result<(), StateError> {
-        (**self).delete(sandbox)
-    }
-    fn load_all(&self) -> Result<Vec<SandboxRecord>, StateError> {
-        (**self).load_all()
     }
 }

@@ -179,6 +179,23 @@ impl Cluster {
         }
     }
 
+    /// `randportd list` against the running agent.
+    fn list(&self, args: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_randportd"))
+            .arg("list")
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "randportd list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Runs the plugin as a runtime would; (success, stdout).
     fn cni(&self, command: &str, sandbox: &str, pod: &str) -> (bool, String) {
         let pod_index = self.pods.iter().position(|(n, _)| n == pod).unwrap_or(0);
@@ -244,6 +261,19 @@ impl Cluster {
         let port = |p: Protocol| entries.iter().find(|e| e.protocol == p).unwrap().host_port;
         (port(Protocol::Tcp), port(Protocol::Udp))
     }
+}
+
+/// UDP conntrack entries in `node` for flows sent to `port`.
+fn conntrack_entries(node: &Netns, port: u16) -> usize {
+    let out = node.run(
+        "conntrack",
+        &["-L", "-p", "udp", "--orig-port-dst", &port.to_string()],
+        "",
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("udp"))
+        .count()
 }
 
 /// From the outside client: the first line a TCP connection to nodeIP:port gets.
@@ -321,8 +351,30 @@ fn traffic_reaches_the_right_pod_and_stops_after_del(backend: &'static str) {
         .enter(move || TcpListener::bind(("0.0.0.0", a_tcp)).is_err());
     assert!(held, "host port {a_tcp} is not held");
 
+    // The agent lists what it mapped, as a table and as JSON.
+    let listing = cluster.list(&[]);
+    assert!(
+        listing.lines().next().unwrap().starts_with("SANDBOX"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("shop/pod-a") && listing.contains(&format!("*:{a_udp}")),
+        "{listing}"
+    );
+    let json: Value = serde_json::from_str(&cluster.list(&["--json"])).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2);
+
+    assert!(
+        conntrack_entries(&cluster.node, a_udp) > 0,
+        "the UDP exchange left no conntrack entry"
+    );
     let (ok, out) = cluster.cni("DEL", "sb-pod-a", "pod-a");
     assert!(ok, "DEL failed: {out}");
+    assert_eq!(
+        conntrack_entries(&cluster.node, a_udp),
+        0,
+        "DEL left UDP conntrack entries"
+    );
     assert!(
         tcp_hello(&cluster.client, a_tcp).is_err(),
         "TCP still answers after DEL"
@@ -363,6 +415,18 @@ fn restart_keeps_connections_and_flushes_are_repaired(backend: &'static str) {
     reader.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "pod-a");
     drop(agent);
+    // With the agent down, the plugin says so.
+    let (ok, out) = cluster.cni("ADD", "sb-pod-b", "pod-b");
+    assert!(!ok);
+    let error: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(error["code"], 11);
+    assert!(
+        error["details"]
+            .as_str()
+            .unwrap()
+            .contains("is the randport agent running on this node"),
+        "{out}"
+    );
     let _agent = cluster.start_agent();
     (&stream).write_all(b"still there\n").unwrap();
     line.clear();
@@ -436,4 +500,38 @@ fn iptables_restart_keeps_connections_and_flushes_are_repaired() {
     ) {
         restart_keeps_connections_and_flushes_are_repaired("iptables");
     }
+}
+
+#[test]
+fn switching_backends_removes_the_other_backends_leftovers() {
+    let test = "switching_backends_removes_the_other_backends_leftovers";
+    if !ready(test, "iptables") || !ready(test, "nftables") {
+        return;
+    }
+    let mut cluster = Cluster::new("iptables");
+    let agent = cluster.start_agent();
+    let (tcp, _) = cluster.add("pod-a");
+    assert!(
+        cluster
+            .node
+            .run_ok("iptables-save", &["-t", "nat"], "")
+            .contains("RANDPORT-HOSTPORTS")
+    );
+    drop(agent);
+    cluster.backend = "nftables";
+    let _agent = cluster.start_agent();
+    let saved = cluster.node.run_ok("iptables-save", &["-t", "nat"], "");
+    assert!(
+        !saved.contains("RANDPORT"),
+        "iptables leftovers after switching to nftables:\n{saved}"
+    );
+    assert_eq!(
+        tcp_hello(&cluster.client, tcp).as_deref(),
+        Ok("pod-a"),
+        "mapping lost in the switch"
+    );
+    let table = cluster
+        .node
+        .run_ok("nft", &["list", "table", "inet", "randport"], "");
+    assert!(table.contains(&format!("tcp . {tcp}")), "{table}");
 }
