@@ -4,7 +4,7 @@
 default:
     @just --list
 
-# The demo cluster (2 nodes x 3 pods); for now what randport decides for it, the simulator comes next.
+# Simulated cluster in network namespaces (root): real agents and plugin, every mapping checked with traffic.
 demo *ARGS:
     ci/demo.sh {{ARGS}}
 

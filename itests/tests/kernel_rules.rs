@@ -4,7 +4,7 @@
 use randport_core::examples;
 use randport_core::render::{iptables, nft};
 use randport_core::{IpFamily, SandboxRecord};
-use randport_itests::{Netns, have, in_ci, root_or_skip};
+use randport_itests::{Netns, TestNetns, have, in_ci, root_or_skip, test_netns};
 
 const TABLE: &str = nft::DEFAULT_TABLE;
 
@@ -25,7 +25,7 @@ fn ready(test: &str, tool: &str) -> bool {
 }
 
 fn tagged_elements(ns: &Netns) -> usize {
-    ns.run_ok("nft", &["list", "table", "inet", TABLE], "")
+    ns.sh("nft", &["list", "table", "inet", TABLE], "")
         .matches("comment \"sb:")
         .count()
 }
@@ -42,7 +42,7 @@ fn every_rendered_nft_ruleset_passes_nft_check() {
     if !ready("every_rendered_nft_ruleset_passes_nft_check", "nft") {
         return;
     }
-    let ns = Netns::create("nftc");
+    let ns = test_netns("nftc");
     let mut rulesets = vec![
         nft::ruleset(TABLE, &[]),
         nft::ruleset(TABLE, &examples::all()),
@@ -54,17 +54,17 @@ fn every_rendered_nft_ruleset_passes_nft_check() {
             .map(|r| nft::ruleset(TABLE, std::slice::from_ref(r))),
     );
     for ruleset in &rulesets {
-        ns.run_ok("nft", &["-c", "-f", "-"], ruleset);
+        ns.sh("nft", &["-c", "-f", "-"], ruleset);
     }
     // Transactions need the table: load the empty one, check every addition; load the
     // full one, check every removal.
-    ns.run_ok("nft", &["-f", "-"], &nft::ruleset(TABLE, &[]));
+    ns.sh("nft", &["-f", "-"], &nft::ruleset(TABLE, &[]));
     for record in examples::all() {
-        ns.run_ok("nft", &["-c", "-f", "-"], &nft::add_sandbox(TABLE, &record));
+        ns.sh("nft", &["-c", "-f", "-"], &nft::add_sandbox(TABLE, &record));
     }
-    ns.run_ok("nft", &["-f", "-"], &nft::ruleset(TABLE, &examples::all()));
+    ns.sh("nft", &["-f", "-"], &nft::ruleset(TABLE, &examples::all()));
     for record in examples::all() {
-        ns.run_ok(
+        ns.sh(
             "nft",
             &["-c", "-f", "-"],
             &nft::remove_sandbox(TABLE, &record),
@@ -77,31 +77,31 @@ fn nft_transactions_add_and_remove_exactly_one_sandbox() {
     if !ready("nft_transactions_add_and_remove_exactly_one_sandbox", "nft") {
         return;
     }
-    let ns = Netns::create("nfttx");
+    let ns = test_netns("nfttx");
     let all = examples::all();
-    ns.run_ok("nft", &["-f", "-"], &nft::ruleset(TABLE, &[]));
+    ns.sh("nft", &["-f", "-"], &nft::ruleset(TABLE, &[]));
     assert_eq!(tagged_elements(&ns), 0);
     for (i, record) in all.iter().enumerate() {
-        ns.run_ok("nft", &["-f", "-"], &nft::add_sandbox(TABLE, record));
+        ns.sh("nft", &["-f", "-"], &nft::add_sandbox(TABLE, record));
         assert_eq!(tagged_elements(&ns), element_count(&all[..=i]));
     }
     // Adding the same sandbox again changes nothing (ADD is idempotent).
-    ns.run_ok("nft", &["-f", "-"], &nft::add_sandbox(TABLE, &all[1]));
+    ns.sh("nft", &["-f", "-"], &nft::add_sandbox(TABLE, &all[1]));
     assert_eq!(tagged_elements(&ns), element_count(&all));
     // The full ruleset replaces the table: same content, nothing doubled.
-    ns.run_ok("nft", &["-f", "-"], &nft::ruleset(TABLE, &all));
+    ns.sh("nft", &["-f", "-"], &nft::ruleset(TABLE, &all));
     assert_eq!(tagged_elements(&ns), element_count(&all));
 
     let removed = &all[1];
-    ns.run_ok("nft", &["-f", "-"], &nft::remove_sandbox(TABLE, removed));
-    let listing = ns.run_ok("nft", &["list", "table", "inet", TABLE], "");
+    ns.sh("nft", &["-f", "-"], &nft::remove_sandbox(TABLE, removed));
+    let listing = ns.sh("nft", &["list", "table", "inet", TABLE], "");
     assert!(!listing.contains(&removed.sandbox.tag()), "{listing}");
     assert_eq!(
         tagged_elements(&ns),
         element_count(&all) - element_count(std::slice::from_ref(removed))
     );
     // Removing again succeeds and changes nothing (DEL is idempotent).
-    ns.run_ok("nft", &["-f", "-"], &nft::remove_sandbox(TABLE, removed));
+    ns.sh("nft", &["-f", "-"], &nft::remove_sandbox(TABLE, removed));
     assert_eq!(
         tagged_elements(&ns),
         element_count(&all) - element_count(std::slice::from_ref(removed))
@@ -113,9 +113,9 @@ fn nft_removal_never_deletes_another_sandboxs_mapping() {
     if !ready("nft_removal_never_deletes_another_sandboxs_mapping", "nft") {
         return;
     }
-    let ns = Netns::create("nftown");
+    let ns = test_netns("nftown");
     let owner = examples::one_tcp();
-    ns.run_ok(
+    ns.sh(
         "nft",
         &["-f", "-"],
         &nft::ruleset(TABLE, std::slice::from_ref(&owner)),
@@ -124,12 +124,12 @@ fn nft_removal_never_deletes_another_sandboxs_mapping() {
     let mut stale = owner.clone();
     stale.sandbox.0.push_str("-old");
     stale.pod_ips = vec!["198.18.0.99".parse().unwrap()];
-    let out = ns.run("nft", &["-f", "-"], &nft::remove_sandbox(TABLE, &stale));
+    let out = ns.out("nft", &["-f", "-"], &nft::remove_sandbox(TABLE, &stale));
     assert!(
         !out.status.success(),
         "removing a key that maps elsewhere must fail"
     );
-    let listing = ns.run_ok("nft", &["list", "map", "inet", TABLE, "hostports4"], "");
+    let listing = ns.sh("nft", &["list", "map", "inet", TABLE, "hostports4"], "");
     assert!(
         listing.contains("tcp . 23817") && listing.contains("198.18.0.5 . 9040"),
         "{listing}"
@@ -141,7 +141,7 @@ fn restore(ns: &Netns, family: IpFamily, payload: &str) {
         IpFamily::V4 => "iptables-restore",
         IpFamily::V6 => "ip6tables-restore",
     };
-    ns.run_ok(tool, &["--noflush"], payload);
+    ns.sh(tool, &["--noflush"], payload);
 }
 
 fn our_rules(ns: &Netns, family: IpFamily) -> Vec<String> {
@@ -149,7 +149,7 @@ fn our_rules(ns: &Netns, family: IpFamily) -> Vec<String> {
         IpFamily::V4 => "iptables-save",
         IpFamily::V6 => "ip6tables-save",
     };
-    ns.run_ok(tool, &["-t", "nat"], "")
+    ns.sh(tool, &["-t", "nat"], "")
         .lines()
         .filter(|l| l.starts_with("-A") && l.contains("RANDPORT"))
         .map(str::to_owned)
@@ -164,7 +164,7 @@ fn iptables_payloads_load_and_change_only_our_chains() {
     ) {
         return;
     }
-    let ns = Netns::create("ipt");
+    let ns = test_netns("ipt");
     let all = examples::all();
     for family in [IpFamily::V4, IpFamily::V6] {
         let (check, jumps) = match family {
@@ -172,7 +172,7 @@ fn iptables_payloads_load_and_change_only_our_chains() {
             IpFamily::V6 => ("ip6tables", iptables::hook_jumps(family)),
         };
         // Someone else's rule in a built-in chain must survive everything we do.
-        ns.run_ok(
+        ns.sh(
             check,
             &[
                 "-t",
@@ -192,7 +192,7 @@ fn iptables_payloads_load_and_change_only_our_chains() {
         for jump in &jumps {
             let mut args = vec!["-t", "nat", "-C", jump.chain];
             args.extend(jump.args.iter().map(String::as_str));
-            ns.run_ok(check, &args, "");
+            ns.sh(check, &args, "");
         }
         let first = our_rules(&ns, family);
         assert!(!first.is_empty());
@@ -225,6 +225,6 @@ fn iptables_payloads_load_and_change_only_our_chains() {
             IpFamily::V4 => "iptables-save",
             IpFamily::V6 => "ip6tables-save",
         };
-        assert!(ns.run_ok(save, &["-t", "nat"], "").contains("not-ours"));
+        assert!(ns.sh(save, &["-t", "nat"], "").contains("not-ours"));
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use randport_core::annotation::{AnnotationValue, decode};
 use randport_core::{PodRef, Protocol};
-use randport_itests::{Netns, have, in_ci, root_or_skip};
+use randport_itests::{Netns, TestNetns, have, in_ci, root_or_skip, test_netns};
 use serde_json::{Value, json};
 
 const NODE_IP: &str = "192.0.2.1";
@@ -46,7 +46,7 @@ impl Drop for Cluster {
 /// Serves TCP (greets with the pod's name, then echoes lines) and UDP (answers every
 /// datagram with the pod's name) inside `ns`.
 fn serve(ns: &Netns, name: &str) {
-    let (tcp, udp) = ns.enter(|| {
+    let (tcp, udp) = ns.inside(|| {
         (
             TcpListener::bind("0.0.0.0:8080").unwrap(),
             UdpSocket::bind("0.0.0.0:8081").unwrap(),
@@ -76,31 +76,31 @@ fn serve(ns: &Netns, name: &str) {
 
 impl Cluster {
     fn new(backend: &'static str) -> Cluster {
-        let node = Netns::create("node");
-        let client = Netns::create("client");
+        let node = test_netns("node");
+        let client = test_netns("client");
         for ns in [&node, &client] {
-            ns.lo_up();
+            ns.lo_up().unwrap();
         }
-        node.veth(
+        node.link_to(
             "uplink",
             &format!("{NODE_IP}/24"),
             &client,
             "eth0",
             "192.0.2.254/24",
         );
-        node.sysctl("net.ipv4.ip_forward", "1");
+        node.sysctl("net.ipv4.ip_forward", "1").unwrap();
         let mut pods = Vec::new();
         for (i, name) in ["pod-a", "pod-b"].into_iter().enumerate() {
-            let ns = Netns::create(name);
-            ns.lo_up();
-            node.veth(
+            let ns = test_netns(name);
+            ns.lo_up().unwrap();
+            node.link_to(
                 &format!("veth{i}"),
                 &format!("198.18.{i}.1/24"),
                 &ns,
                 "eth0",
                 &format!("198.18.{i}.2/24"),
             );
-            ns.ip(&["route", "add", "default", "via", &format!("198.18.{i}.1")]);
+            ns.ipc(&["route", "add", "default", "via", &format!("198.18.{i}.1")]);
             serve(&ns, name);
             pods.push((name.to_owned(), ns));
         }
@@ -265,7 +265,7 @@ impl Cluster {
 
 /// UDP conntrack entries in `node` for flows sent to `port`.
 fn conntrack_entries(node: &Netns, port: u16) -> usize {
-    let out = node.run(
+    let out = node.out(
         "conntrack",
         &["-L", "-p", "udp", "--orig-port-dst", &port.to_string()],
         "",
@@ -278,7 +278,7 @@ fn conntrack_entries(node: &Netns, port: u16) -> usize {
 
 /// From the outside client: the first line a TCP connection to nodeIP:port gets.
 fn tcp_hello(client: &Netns, port: u16) -> Result<String, String> {
-    let stream = client.enter(move || {
+    let stream = client.inside(move || {
         TcpStream::connect_timeout(
             &SocketAddr::new(NODE_IP.parse().unwrap(), port),
             Duration::from_secs(2),
@@ -297,7 +297,7 @@ fn tcp_hello(client: &Netns, port: u16) -> Result<String, String> {
 
 /// From the outside client: the answer to a UDP datagram to nodeIP:port.
 fn udp_hello(client: &Netns, port: u16) -> Result<String, String> {
-    let socket = client.enter(|| UdpSocket::bind("0.0.0.0:0").unwrap());
+    let socket = client.inside(|| UdpSocket::bind("0.0.0.0:0").unwrap());
     socket
         .set_read_timeout(Some(Duration::from_millis(700)))
         .unwrap();
@@ -348,7 +348,7 @@ fn traffic_reaches_the_right_pod_and_stops_after_del(backend: &'static str) {
     // The host port is held on the node: nothing else can bind it.
     let held = cluster
         .node
-        .enter(move || TcpListener::bind(("0.0.0.0", a_tcp)).is_err());
+        .inside(move || TcpListener::bind(("0.0.0.0", a_tcp)).is_err());
     assert!(held, "host port {a_tcp} is not held");
 
     // The agent lists what it mapped, as a table and as JSON.
@@ -390,7 +390,7 @@ fn traffic_reaches_the_right_pod_and_stops_after_del(backend: &'static str) {
     );
     let freed = cluster
         .node
-        .enter(move || TcpListener::bind(("0.0.0.0", a_tcp)).is_ok());
+        .inside(move || TcpListener::bind(("0.0.0.0", a_tcp)).is_ok());
     assert!(freed, "host port {a_tcp} still held after DEL");
     assert!(
         cluster.cni("DEL", "sb-pod-a", "pod-a").0,
@@ -406,7 +406,7 @@ fn restart_keeps_connections_and_flushes_are_repaired(backend: &'static str) {
     // An established connection through the mapping survives a SIGKILL and restart.
     let stream = cluster
         .client
-        .enter(move || TcpStream::connect((NODE_IP, tcp)).unwrap());
+        .inside(move || TcpStream::connect((NODE_IP, tcp)).unwrap());
     stream
         .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();
@@ -441,7 +441,7 @@ fn restart_keeps_connections_and_flushes_are_repaired(backend: &'static str) {
     } else {
         &["iptables", "-t", "nat", "-F", "RANDPORT-HOSTPORTS"]
     };
-    cluster.node.run_ok(flush[0], &flush[1..], "");
+    cluster.node.sh(flush[0], &flush[1..], "");
     let flushed = Instant::now();
     loop {
         if tcp_hello(&cluster.client, tcp).as_deref() == Ok("pod-a") {
@@ -514,13 +514,13 @@ fn switching_backends_removes_the_other_backends_leftovers() {
     assert!(
         cluster
             .node
-            .run_ok("iptables-save", &["-t", "nat"], "")
+            .sh("iptables-save", &["-t", "nat"], "")
             .contains("RANDPORT-HOSTPORTS")
     );
     drop(agent);
     cluster.backend = "nftables";
     let _agent = cluster.start_agent();
-    let saved = cluster.node.run_ok("iptables-save", &["-t", "nat"], "");
+    let saved = cluster.node.sh("iptables-save", &["-t", "nat"], "");
     assert!(
         !saved.contains("RANDPORT"),
         "iptables leftovers after switching to nftables:\n{saved}"
@@ -532,6 +532,6 @@ fn switching_backends_removes_the_other_backends_leftovers() {
     );
     let table = cluster
         .node
-        .run_ok("nft", &["list", "table", "inet", "randport"], "");
+        .sh("nft", &["list", "table", "inet", "randport"], "");
     assert!(table.contains(&format!("tcp . {tcp}")), "{table}");
 }

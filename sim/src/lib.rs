@@ -1,10 +1,18 @@
-//! randport-sim: simulated nodes and pods for randport.
+//! randport-sim: simulated nodes and pods for randport, on the real kernel.
 //!
-//! - [`addresses`]: the address plan every simulated cluster uses (documentation and
-//!   benchmarking ranges only).
-//! - [`preview`]: what randport decides for the demo cluster, computed with
-//!   `randport-core` alone; the network-namespace simulator that runs the real agent and
-//!   plugin builds on these.
+//! - [`cluster`]: nodes, pods, an outside client and an underlay in network namespaces,
+//!   one real `randportd` per node, the real `randport` plugin driven as a runtime would.
+//! - [`checks`]: what the demo verifies with traffic.
+//! - [`workload`]: the echo server in every pod.
+//! - [`netns`]: namespaces, entered on dedicated threads.
+//! - [`down`]: cleanup of runs that crashed.
+//! - [`addresses`]: the address plan (documentation and benchmarking ranges only).
+//! - [`preview`]: the mappings randport-core decides, without a kernel.
 
 pub mod addresses;
+pub mod checks;
+pub mod cluster;
+pub mod down;
+pub mod netns;
 pub mod preview;
+pub mod workload;

@@ -1,17 +1,32 @@
-//! `randport-sim`: the simulator's command line (`demo`, `down`).
+//! `randport-sim`: the simulator's command line.
+//!
+//! - `demo`: a simulated cluster (2 nodes x 3 pods by default) with the real agent and
+//!   plugin; every mapping checked with traffic; everything removed afterwards.
+//! - `down`: removes what a crashed run left (its agents, namespaces and files).
+//! - `plan`: what randport-core decides for the demo cluster, without a kernel.
 
 use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use randport_core::PortRange;
-use randport_sim::preview;
+use randport_core::{PortRange, Protocol};
+use randport_sim::checks::{self, Check};
+use randport_sim::cluster::{Cluster, ClusterSpec, PodSpec, new_run_id};
+use randport_sim::{down, preview};
 
-const USAGE: &str = "usage: randport-sim demo [--nodes N] [--pods N] [--ipv6] [--seed N] [--rules]
-       randport-sim help";
+const USAGE: &str = "usage: randport-sim demo [--nodes N] [--pods N] [--ipv6] [--firewall nftables|iptables] [--port-range LO-HI]
+       randport-sim down [RUN_ID]
+       randport-sim plan [--nodes N] [--pods N] [--ipv6] [--seed N] [--rules]";
+
+/// The run the signal handler cleans up.
+static CURRENT_RUN: Mutex<Option<String>> = Mutex::new(None);
 
 fn main() -> ExitCode {
+    install_signal_cleanup();
     match run(std::env::args().skip(1).collect()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(err) => {
             eprintln!("randport-sim: {err:#}");
             ExitCode::FAILURE
@@ -19,64 +34,266 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Vec<String>) -> Result<()> {
+/// On Ctrl-C (or SIGTERM/SIGHUP) the current run is removed before the process ends.
+fn install_signal_cleanup() {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(signal);
+    }
+    // Blocked here, before any other thread exists, so that every thread inherits the
+    // mask and only the waiting thread below receives them.
+    if set.thread_block().is_err() {
+        return;
+    }
+    std::thread::spawn(move || {
+        if let Ok(signal) = set.wait() {
+            eprintln!(
+                "\nrandport-sim: {signal:?}: removing this run's namespaces, agents and files"
+            );
+            if let Some(run_id) = CURRENT_RUN
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+            {
+                let mut removed = down::Removed::default();
+                down::run(&run_id, &mut removed);
+                eprintln!(
+                    "randport-sim: removed run {run_id}: {} agents, {} namespaces",
+                    removed.agents, removed.namespaces
+                );
+            }
+            std::process::exit(130);
+        }
+    });
+}
+
+fn run(args: Vec<String>) -> Result<bool> {
     let Some((command, rest)) = args.split_first() else {
         println!("{USAGE}");
-        return Ok(());
+        return Ok(true);
     };
     match command.as_str() {
         "demo" => demo(rest),
+        "down" => {
+            let removed = match rest.first() {
+                Some(run_id) => {
+                    let mut removed = down::Removed::default();
+                    down::run(run_id, &mut removed);
+                    removed
+                }
+                None => down::all(),
+            };
+            println!(
+                "removed {} run(s){}: {} agent(s), {} namespace(s)",
+                removed.runs.len(),
+                if removed.runs.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", removed.runs.join(", "))
+                },
+                removed.agents,
+                removed.namespaces
+            );
+            Ok(true)
+        }
+        "plan" => plan(rest).map(|()| true),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
-            Ok(())
+            Ok(true)
         }
         other => bail!("unknown command {other:?}\n{USAGE}"),
     }
 }
 
-fn demo(args: &[String]) -> Result<()> {
-    let (mut nodes, mut pods, mut ipv6, mut rules) = (2usize, 3usize, false, false);
-    let mut seed = fastrand::u64(..);
+struct DemoArgs {
+    nodes: usize,
+    pods: usize,
+    ipv6: bool,
+    firewall: String,
+    port_range: String,
+    seed: u64,
+    rules: bool,
+}
+
+fn parse(args: &[String]) -> Result<DemoArgs> {
+    let mut a = DemoArgs {
+        nodes: 2,
+        pods: 3,
+        ipv6: false,
+        firewall: "nftables".into(),
+        port_range: "20000-29999".into(),
+        seed: fastrand::u64(..),
+        rules: false,
+    };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
         match arg.as_str() {
             "--nodes" => {
-                nodes = value("--nodes")?
+                a.nodes = value("--nodes")?
                     .parse()
                     .context("--nodes takes a number")?
             }
-            "--pods" => pods = value("--pods")?.parse().context("--pods takes a number")?,
-            "--seed" => seed = value("--seed")?.parse().context("--seed takes a number")?,
-            "--ipv6" => ipv6 = true,
-            "--rules" => rules = true,
+            "--pods" => a.pods = value("--pods")?.parse().context("--pods takes a number")?,
+            "--seed" => a.seed = value("--seed")?.parse().context("--seed takes a number")?,
+            "--firewall" => a.firewall = value("--firewall")?.clone(),
+            "--port-range" => a.port_range = value("--port-range")?.clone(),
+            "--ipv6" => a.ipv6 = true,
+            "--rules" => a.rules = true,
             other => bail!("unknown option {other:?}\n{USAGE}"),
         }
     }
-    if nodes == 0 || nodes > randport_sim::addresses::MAX_NODES {
+    if a.nodes == 0 || a.nodes > randport_sim::addresses::MAX_NODES {
         bail!(
             "--nodes must be from 1 to {}",
             randport_sim::addresses::MAX_NODES
         );
     }
-    if pods > randport_sim::addresses::MAX_PODS_PER_NODE {
+    if a.pods == 0 || a.pods > 500 {
+        bail!("--pods must be from 1 to 500");
+    }
+    if a.firewall != "nftables" && a.firewall != "iptables" {
         bail!(
-            "--pods must be at most {}",
-            randport_sim::addresses::MAX_PODS_PER_NODE
+            "--firewall must be nftables or iptables, not {:?}",
+            a.firewall
         );
     }
+    a.port_range.parse::<PortRange>()?;
+    Ok(a)
+}
+
+fn demo(args: &[String]) -> Result<bool> {
+    let a = parse(args)?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the demo makes network namespaces and firewall rules inside them: run it as root");
+    }
+    let started = Instant::now();
+    let run_id = new_run_id();
+    *CURRENT_RUN.lock().unwrap_or_else(|e| e.into_inner()) = Some(run_id.clone());
     println!(
-        "randport-sim demo: the network-namespace simulator is not built yet, so no agent runs \
-         and no traffic is sent.\nBelow is what randport decides for {nodes} node(s) x {pods} \
-         pod(s) (seed {seed}), computed by randport-core alone.\n"
+        "==> randport-sim demo: {} node(s) x {} pod(s), firewall {}{}",
+        a.nodes,
+        a.pods,
+        a.firewall,
+        if a.ipv6 { ", IPv4 and IPv6" } else { "" }
     );
-    let cluster = preview::cluster(nodes, pods, PortRange::DEFAULT, ipv6, seed)?;
+    let spec = ClusterSpec {
+        nodes: a.nodes,
+        ipv6: a.ipv6,
+        firewall: a.firewall.clone(),
+        port_range: a.port_range.clone(),
+        run_id: Some(run_id),
+    };
+    let mut cluster = Cluster::up(spec, &mut |message| println!("==> {message}"))?;
+
+    for node in 0..a.nodes {
+        for j in 0..a.pods {
+            let spec = PodSpec::echo("demo", &format!("echo-{node}-{j}"), node);
+            let name = spec.pod_ref();
+            let entries = cluster.add_pod(spec)?;
+            let pod = cluster.pod(&name.name)?;
+            let ports: Vec<String> = entries
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}/{} -> {}:{}",
+                        e.container_port, e.protocol, cluster.nodes[node].ip4, e.host_port
+                    )
+                })
+                .collect();
+            println!(
+                "==> {name} on node-{node}: ADD {:.1} ms: {}",
+                pod.add_time.as_secs_f64() * 1000.0,
+                ports.join(", ")
+            );
+        }
+    }
+
+    println!("==> checking every mapping with traffic");
+    let rows = checks::reach_every_mapping(&cluster);
+    let mut others: Vec<Check> = Vec::new();
+    let first = "echo-0-0";
+    others.push(checks::hairpin(&cluster, first, Protocol::Tcp));
+    others.push(checks::hairpin(&cluster, first, Protocol::Udp));
+    if a.nodes > 1 {
+        others.push(checks::cross_node(
+            &cluster,
+            first,
+            "echo-1-0",
+            Protocol::Tcp,
+        ));
+        others.push(checks::cross_node(
+            &cluster,
+            first,
+            "echo-1-0",
+            Protocol::Udp,
+        ));
+    }
+    others.extend(checks::annotations_match_agents(&cluster));
+
+    let last = format!("echo-{}-{}", a.nodes - 1, a.pods - 1);
+    let entries = cluster.mappings(&last)?;
+    println!("==> deleting demo/{last}");
+    cluster.delete_pod(&last)?;
+    others.extend(checks::deleted_pod_is_gone(
+        &cluster,
+        &last,
+        a.nodes - 1,
+        &entries,
+    ));
+    others.extend(
+        checks::annotations_match_agents(&cluster)
+            .into_iter()
+            .filter(|c| c.name.contains("no mapping of a deleted pod")),
+    );
+
+    println!();
+    println!(
+        "{:<16} {:<8} {:<10}    {:<24} CHECK",
+        "POD", "NODE", "PORT", "NODE ADDRESS"
+    );
+    for row in &rows {
+        let port = format!("{}/{}", row.entry.container_port, row.entry.protocol);
+        let result = match &row.check.result {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => format!("FAIL: {e}"),
+        };
+        println!(
+            "{:<16} {:<8} {port:<10} -> {:<24} {result}",
+            row.pod,
+            row.node,
+            row.address.to_string()
+        );
+    }
+    println!();
+    for check in &others {
+        println!("{check}");
+    }
+    let passed =
+        rows.iter().filter(|r| r.check.ok()).count() + others.iter().filter(|c| c.ok()).count();
+    let failed = rows.len() + others.len() - passed;
+    let description = cluster.describe();
+    drop(cluster);
+    println!("\n==> removed {description}: namespaces, agents and files");
+    println!("==> took {:.1} s", started.elapsed().as_secs_f64());
+    println!("checks: {passed} passed, {failed} failed");
+    Ok(failed == 0)
+}
+
+fn plan(args: &[String]) -> Result<()> {
+    let a = parse(args)?;
+    println!(
+        "What randport-core decides for {} node(s) x {} pod(s) (seed {}), without a kernel:\n",
+        a.nodes, a.pods, a.seed
+    );
+    let cluster = preview::cluster(a.nodes, a.pods, a.port_range.parse()?, a.ipv6, a.seed)?;
     print!("{}", preview::table(&cluster));
     println!("\nAnnotations written back (tkestack.io/portmapping):");
     for (pod, value) in preview::annotations(&cluster) {
         println!("  {pod}: {value}");
     }
-    if rules {
+    if a.rules {
         for node in &cluster {
             println!(
                 "\nnft ruleset of {} ({}):\n{}",

@@ -1,0 +1,289 @@
+//! Root-only scenarios on the simulator: real agents, real plugin, real kernel, traffic
+//! from an outside client and from pods. Each builds its own run (`rp-<run id>-…`) and
+//! removes it, also when it fails.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command;
+
+use randport_core::Protocol;
+use randport_itests::root_or_skip;
+use randport_sim::checks::{self, Check};
+use randport_sim::cluster::{Cluster, ClusterSpec, Origin, PodSpec, SimPort};
+
+fn cluster(nodes: usize, ipv6: bool, firewall: &str) -> Cluster {
+    let spec = ClusterSpec {
+        nodes,
+        ipv6,
+        firewall: firewall.into(),
+        ..ClusterSpec::default()
+    };
+    Cluster::up(spec, &mut |_| {}).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn assert_all(checks: &[Check]) {
+    let failed: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.ok())
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} checks failed:\n{}",
+        failed.len(),
+        checks.len(),
+        failed.join("\n")
+    );
+}
+
+fn reach_all(cluster: &Cluster) -> usize {
+    let rows = checks::reach_every_mapping(cluster);
+    assert_all(&rows.iter().map(|r| r.check.clone()).collect::<Vec<_>>());
+    rows.len()
+}
+
+fn many_pods(firewall: &str) {
+    let mut c = cluster(3, false, firewall);
+    for node in 0..3 {
+        for j in 0..6 {
+            c.add_pod(PodSpec::echo("load", &format!("p{node}-{j}"), node))
+                .unwrap();
+        }
+    }
+    assert_eq!(reach_all(&c), 3 * 6 * 2, "one TCP and one UDP row per pod");
+    let mut more = vec![
+        checks::cross_node(&c, "p0-0", "p2-5", Protocol::Udp),
+        checks::cross_node(&c, "p2-1", "p1-3", Protocol::Tcp),
+        checks::hairpin(&c, "p1-1", Protocol::Tcp),
+    ];
+    more.extend(checks::annotations_match_agents(&c));
+    assert_all(&more);
+    // Host ports are unique per node and protocol.
+    for node in 0..3 {
+        let records = c.agent_records(node).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for m in records.iter().flat_map(|r| &r.mappings) {
+            assert!(
+                seen.insert((m.protocol, m.host_port)),
+                "port {} given twice on node {node}",
+                m.host_port
+            );
+        }
+    }
+    for j in 0..3 {
+        let name = format!("p1-{j}");
+        let entries = c.mappings(&name).unwrap();
+        c.delete_pod(&name).unwrap();
+        assert_all(&checks::deleted_pod_is_gone(&c, &name, 1, &entries));
+    }
+    assert_all(&checks::annotations_match_agents(&c));
+}
+
+#[test]
+fn many_pods_on_three_nodes_nftables() {
+    if root_or_skip("many_pods_on_three_nodes_nftables") {
+        many_pods("nftables");
+    }
+}
+
+#[test]
+fn many_pods_on_three_nodes_iptables() {
+    if root_or_skip("many_pods_on_three_nodes_iptables") {
+        many_pods("iptables");
+    }
+}
+
+fn dual_stack(firewall: &str) {
+    let mut c = cluster(2, true, firewall);
+    for node in 0..2 {
+        for j in 0..2 {
+            c.add_pod(PodSpec::echo("v6", &format!("d{node}-{j}"), node))
+                .unwrap();
+        }
+    }
+    // Every mapping on the node's IPv4 and IPv6 address: 4 pods x 2 ports x 2 families.
+    assert_eq!(reach_all(&c), 16);
+    let entries = c.mappings("d0-0").unwrap();
+    assert_eq!(
+        entries[0].pod_ip,
+        Some("198.18.0.2".parse().unwrap()),
+        "podIP is the primary (IPv4) address"
+    );
+    let v6 = SocketAddr::new(
+        IpAddr::V6(c.nodes[1].ip6.unwrap()),
+        c.mappings("d1-1").unwrap()[0].host_port,
+    );
+    assert_eq!(
+        c.tcp(Origin::Pod("d0-1"), v6).unwrap(),
+        "d1-1",
+        "pod to pod across nodes over IPv6"
+    );
+}
+
+#[test]
+fn ipv6_dual_stack_nftables() {
+    if root_or_skip("ipv6_dual_stack_nftables") {
+        dual_stack("nftables");
+    }
+}
+
+#[test]
+fn ipv6_dual_stack_iptables() {
+    if root_or_skip("ipv6_dual_stack_iptables") {
+        dual_stack("iptables");
+    }
+}
+
+#[test]
+fn host_ip_mapping_answers_only_on_that_address() {
+    if !root_or_skip("host_ip_mapping_answers_only_on_that_address") {
+        return;
+    }
+    let mut c = cluster(1, false, "nftables");
+    let second: IpAddr = "192.0.2.101".parse().unwrap();
+    c.nodes[0].ns.addr("eth0", "192.0.2.101/24").unwrap();
+    let mut spec = PodSpec::echo("pin", "pinned", 0);
+    spec.ports = vec![
+        SimPort {
+            host_ip: Some(second),
+            ..SimPort::new(8080, Protocol::Tcp)
+        },
+        SimPort {
+            host_ip: Some(second),
+            host_port: Some(8081),
+            ..SimPort::new(8081, Protocol::Udp)
+        },
+    ];
+    let entries = c.add_pod(spec).unwrap();
+    assert_eq!(entries[0].host_ip, Some(second));
+    assert_eq!(entries[1].host_port, 8081, "explicit hostPort honoured");
+    let tcp = entries[0].host_port;
+    assert_eq!(
+        c.tcp(Origin::Client, SocketAddr::new(second, tcp)).unwrap(),
+        "pinned"
+    );
+    assert_eq!(
+        c.udp(Origin::Client, SocketAddr::new(second, 8081))
+            .unwrap(),
+        "pinned"
+    );
+    let main_ip = IpAddr::V4(c.nodes[0].ip4);
+    assert!(
+        c.tcp(Origin::Client, SocketAddr::new(main_ip, tcp))
+            .is_err(),
+        "answered on the node's other address"
+    );
+    assert!(
+        c.udp(Origin::Client, SocketAddr::new(main_ip, 8081))
+            .is_err()
+    );
+    // The held port is bound on that address only: the other address's port is free.
+    let free = c.nodes[0]
+        .ns
+        .enter(move || std::net::TcpListener::bind((main_ip, tcp)).is_ok())
+        .unwrap();
+    assert!(free);
+}
+
+#[test]
+fn agent_restarted_mid_run_keeps_mappings_and_connections() {
+    if !root_or_skip("agent_restarted_mid_run_keeps_mappings_and_connections") {
+        return;
+    }
+    let mut c = cluster(2, false, "nftables");
+    for j in 0..3 {
+        c.add_pod(PodSpec::echo("rs", &format!("r{j}"), 0)).unwrap();
+    }
+    c.add_pod(PodSpec::echo("rs", "other", 1)).unwrap();
+    let before = c.agent_records(0).unwrap();
+    let tcp = c.mappings("r0").unwrap()[0].host_port;
+    let (mut stream, hello) = c
+        .tcp_connection(
+            Origin::Client,
+            SocketAddr::new(IpAddr::V4(c.nodes[0].ip4), tcp),
+        )
+        .unwrap();
+    assert_eq!(hello, "r0");
+
+    c.kill_agent(0);
+    let err = c
+        .add_pod(PodSpec::echo("rs", "during", 0))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("is the randport agent running on this node"),
+        "{err}"
+    );
+    assert_eq!(
+        reach_all(&c),
+        4 * 2,
+        "mappings keep working while the agent is down"
+    );
+    c.start_agent(0).unwrap();
+
+    assert_eq!(c.agent_records(0).unwrap(), before, "restored exactly");
+    stream.write_all(b"after restart\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(stream.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        "after restart",
+        "established connection survived"
+    );
+    c.add_pod(PodSpec::echo("rs", "after", 0)).unwrap();
+    assert_eq!(reach_all(&c), 5 * 2);
+    assert_all(&checks::annotations_match_agents(&c));
+}
+
+#[test]
+fn demo_command_passes_and_leaves_nothing_behind() {
+    if !root_or_skip("demo_command_passes_and_leaves_nothing_behind") {
+        return;
+    }
+    let bins = randport_sim::cluster::Binaries::find().unwrap();
+    let sim = bins.agent.with_file_name("randport-sim");
+    assert!(
+        sim.is_file(),
+        "{} missing: build the workspace first",
+        sim.display()
+    );
+    let out = Command::new(&sim).arg("demo").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("checks: ") && l.ends_with(" passed, 0 failed")),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("demo/echo-") && l.ends_with(" ok"))
+            .count(),
+        12,
+        "{stdout}"
+    );
+    let run = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("==> run "))
+        .and_then(|l| l.split(':').next())
+        .unwrap()
+        .to_owned();
+    assert!(
+        randport_sim::netns::list_with_prefix(&format!("rp-{run}-")).is_empty(),
+        "namespaces left behind"
+    );
+    assert!(
+        !std::path::Path::new(randport_sim::cluster::RUNS_DIR)
+            .join(&run)
+            .exists(),
+        "files left behind"
+    );
+}

@@ -1,0 +1,806 @@
+//! A simulated cluster on the real kernel: an underlay bridge in its own namespace
+//! joining N node namespaces and an outside client; in each node a real `randportd
+//! --pods dir:…`; pods as namespaces with a veth to their node. The simulator plays the
+//! container runtime: it wires each pod (the main plugin's job), writes the Pod object,
+//! and execs the real `randport` plugin with ADD and DEL.
+//!
+//! Every namespace is named `rp-<run id>-…`; the run's files live in
+//! `/tmp/randport-sim/<run id>/` (agent logs, state, pod files, agent pids). Dropping the
+//! [`Cluster`] stops the agents and removes everything; [`crate::down`] does the same for a
+//! run that crashed.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use randport_core::annotation::{AnnotationValue, PortEntry, decode};
+use randport_core::{DEFAULT_ANNOTATION, PodRef, Protocol, SandboxId, SandboxRecord};
+use randport_plugin::rpc::{self, Request, Response};
+use serde_json::{Value, json};
+
+use crate::addresses;
+use crate::netns::Netns;
+use crate::workload::{self, Workload};
+
+/// Where runs keep their files.
+pub const RUNS_DIR: &str = "/tmp/randport-sim";
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    /// Number of nodes (1 to 16).
+    pub nodes: usize,
+    /// Give nodes and pods IPv6 addresses too.
+    pub ipv6: bool,
+    /// `nftables` or `iptables`.
+    pub firewall: String,
+    /// The agents' `--port-range`.
+    pub port_range: String,
+    /// The run id (6 hex digits); a random one when `None`.
+    pub run_id: Option<String>,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            nodes: 2,
+            ipv6: false,
+            firewall: "nftables".into(),
+            port_range: "20000-29999".into(),
+            run_id: None,
+        }
+    }
+}
+
+/// One container port of a simulated pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimPort {
+    /// Container port the workload serves.
+    pub container_port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// An explicit hostPort.
+    pub host_port: Option<u16>,
+    /// An explicit hostIP.
+    pub host_ip: Option<IpAddr>,
+}
+
+impl SimPort {
+    /// A port with neither hostPort nor hostIP.
+    pub fn new(container_port: u16, protocol: Protocol) -> Self {
+        SimPort {
+            container_port,
+            protocol,
+            host_port: None,
+            host_ip: None,
+        }
+    }
+}
+
+/// A pod to create.
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Node index.
+    pub node: usize,
+    /// Container ports (one container, `app`).
+    pub ports: Vec<SimPort>,
+    /// Whether the pod carries the port-mapping annotation.
+    pub annotate: bool,
+}
+
+impl PodSpec {
+    /// An annotated pod with a TCP port 8080 and a UDP port 8081.
+    pub fn echo(namespace: &str, name: &str, node: usize) -> Self {
+        PodSpec {
+            namespace: namespace.into(),
+            name: name.into(),
+            node,
+            ports: vec![
+                SimPort::new(8080, Protocol::Tcp),
+                SimPort::new(8081, Protocol::Udp),
+            ],
+            annotate: true,
+        }
+    }
+
+    /// namespace/name.
+    pub fn pod_ref(&self) -> PodRef {
+        PodRef::new(self.namespace.clone(), self.name.clone())
+    }
+}
+
+/// A simulated node.
+#[derive(Debug)]
+pub struct SimNode {
+    /// 0-based index.
+    pub index: usize,
+    /// `node-<index>`.
+    pub name: String,
+    /// Its namespace.
+    pub ns: Netns,
+    /// Underlay IPv4 address.
+    pub ip4: Ipv4Addr,
+    /// Underlay IPv6 address, with `ipv6`.
+    pub ip6: Option<Ipv6Addr>,
+    /// The node's files: pods/, state/, agent.sock, agent.log.
+    pub dir: PathBuf,
+    agent: Option<Child>,
+    next_pod: usize,
+}
+
+impl SimNode {
+    /// The agent's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    /// The agent's log.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    /// The node's addresses (IPv4 first).
+    pub fn ips(&self) -> Vec<IpAddr> {
+        std::iter::once(IpAddr::V4(self.ip4))
+            .chain(self.ip6.map(IpAddr::V6))
+            .collect()
+    }
+}
+
+/// A simulated pod.
+#[derive(Debug)]
+pub struct SimPod {
+    /// What it was made from.
+    pub spec: PodSpec,
+    /// Its namespace.
+    pub ns: Netns,
+    /// Its addresses, IPv4 first.
+    pub ips: Vec<IpAddr>,
+    /// Its sandbox id.
+    pub sandbox: SandboxId,
+    /// How long the plugin's ADD took.
+    pub add_time: Duration,
+    _workload: Workload,
+}
+
+/// Where a probe starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// The outside client.
+    Client,
+    /// A pod, by name.
+    Pod(&'a str),
+    /// A node, by index.
+    Node(usize),
+}
+
+/// The paths of the binaries the simulator drives.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// `randportd`.
+    pub agent: PathBuf,
+    /// `randport`.
+    pub plugin: PathBuf,
+}
+
+impl Binaries {
+    /// Finds `randportd` and `randport` in `$RANDPORT_BIN_DIR`, beside this executable, or
+    /// one directory up (where test executables live in `target/*/deps`).
+    pub fn find() -> Result<Binaries> {
+        let mut dirs = Vec::new();
+        if let Some(dir) = std::env::var_os("RANDPORT_BIN_DIR") {
+            dirs.push(PathBuf::from(dir));
+        }
+        if let Ok(exe) = std::env::current_exe() {
+            if let Some(dir) = exe.parent() {
+                dirs.push(dir.to_owned());
+                if let Some(up) = dir.parent() {
+                    dirs.push(up.to_owned());
+                }
+            }
+        }
+        let find = |name: &str| {
+            dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()).ok_or_else(|| {
+                anyhow!(
+                    "{name} not found in {}; build it first: cargo build -p randport-plugin (or set RANDPORT_BIN_DIR)",
+                    dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+                )
+            })
+        };
+        Ok(Binaries {
+            agent: find("randportd")?,
+            plugin: find("randport")?,
+        })
+    }
+}
+
+/// The simulated cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    /// This run's id.
+    pub run_id: String,
+    /// This run's files.
+    pub dir: PathBuf,
+    /// What it was built from.
+    pub spec: ClusterSpec,
+    /// The binaries it drives.
+    pub bins: Binaries,
+    /// Pods, in creation order. (Dropped before the nodes.)
+    pub pods: Vec<SimPod>,
+    /// Nodes.
+    pub nodes: Vec<SimNode>,
+    /// The outside client.
+    pub client: Netns,
+    underlay: Netns,
+}
+
+/// A fresh run id: 6 random hex digits.
+pub fn new_run_id() -> String {
+    format!("{:06x}", fastrand::u32(..0x100_0000))
+}
+
+/// Loopback up and, with IPv6, no duplicate address detection (links come up at once).
+fn prepare(ns: &Netns, ipv6: bool) -> Result<()> {
+    if ipv6 {
+        ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+        ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+    }
+    ns.lo_up()
+}
+
+fn ns_name(run_id: &str, what: &str) -> String {
+    format!("rp-{run_id}-{what}")
+}
+
+impl Cluster {
+    /// Builds the underlay, the nodes and the client, and starts one agent per node.
+    /// `progress` is told what happens.
+    pub fn up(spec: ClusterSpec, progress: &mut dyn FnMut(&str)) -> Result<Cluster> {
+        if spec.nodes == 0 || spec.nodes > addresses::MAX_NODES {
+            bail!(
+                "a cluster has 1 to {} nodes, not {}",
+                addresses::MAX_NODES,
+                spec.nodes
+            );
+        }
+        let bins = Binaries::find()?;
+        let run_id = spec.run_id.clone().unwrap_or_else(new_run_id);
+        let dir = Path::new(RUNS_DIR).join(&run_id);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        progress(&format!("run {run_id}: files in {}", dir.display()));
+
+        let underlay = Netns::create(&ns_name(&run_id, "underlay"))?;
+        let client = Netns::create(&ns_name(&run_id, "client"))?;
+        let mut cluster = Cluster {
+            run_id,
+            dir,
+            spec,
+            bins,
+            pods: Vec::new(),
+            nodes: Vec::new(),
+            client,
+            underlay,
+        };
+        prepare(&cluster.underlay, cluster.spec.ipv6)?;
+        cluster
+            .underlay
+            .ip(&["link", "add", "br0", "type", "bridge"])?;
+        cluster.underlay.ip(&["link", "set", "br0", "up"])?;
+
+        // The outside client.
+        prepare(&cluster.client, cluster.spec.ipv6)?;
+        cluster.underlay.veth("client", &cluster.client, "eth0")?;
+        cluster
+            .underlay
+            .ip(&["link", "set", "client", "master", "br0"])?;
+        let (c4, c6) = addresses::client_ips();
+        cluster.client.addr("eth0", &format!("{c4}/24"))?;
+        if cluster.spec.ipv6 {
+            cluster.client.addr("eth0", &format!("{c6}/64"))?;
+        }
+        progress(&format!("underlay bridge and outside client {c4} ready"));
+
+        for i in 0..cluster.spec.nodes {
+            let node = cluster.make_node(i)?;
+            cluster.nodes.push(node);
+        }
+        cluster.route_between_nodes()?;
+        for i in 0..cluster.nodes.len() {
+            cluster.start_agent(i)?;
+            let node = &cluster.nodes[i];
+            progress(&format!(
+                "{} ({}): randportd ready, firewall {}",
+                node.name, node.ip4, cluster.spec.firewall
+            ));
+        }
+        Ok(cluster)
+    }
+
+    fn make_node(&self, i: usize) -> Result<SimNode> {
+        let name = format!("node-{i}");
+        let ns = Netns::create(&ns_name(&self.run_id, &name))?;
+        prepare(&ns, self.spec.ipv6)?;
+        self.underlay.veth(&format!("n{i}"), &ns, "eth0")?;
+        self.underlay
+            .ip(&["link", "set", &format!("n{i}"), "master", "br0"])?;
+        let ip4 = addresses::node_ipv4(i);
+        ns.addr("eth0", &format!("{ip4}/24"))?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        let ip6 = if self.spec.ipv6 {
+            let ip6 = addresses::node_ipv6(i);
+            ns.addr("eth0", &format!("{ip6}/64"))?;
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            Some(ip6)
+        } else {
+            None
+        };
+        let dir = self.dir.join(&name);
+        std::fs::create_dir_all(dir.join("pods"))?;
+        Ok(SimNode {
+            index: i,
+            name,
+            ns,
+            ip4,
+            ip6,
+            dir,
+            agent: None,
+            next_pod: 0,
+        })
+    }
+
+    fn route_between_nodes(&self) -> Result<()> {
+        for node in &self.nodes {
+            for other in self.nodes.iter().filter(|o| o.index != node.index) {
+                let (subnet, bits) = addresses::pod_subnet_v4(other.index);
+                node.ns.ip(&[
+                    "route",
+                    "add",
+                    &format!("{subnet}/{bits}"),
+                    "via",
+                    &other.ip4.to_string(),
+                ])?;
+                if let Some(via) = other.ip6 {
+                    let subnet6 = format!("2001:db8:1:{:x}::/64", other.index);
+                    node.ns
+                        .ip(&["-6", "route", "add", &subnet6, "via", &via.to_string()])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts) node `i`'s agent and waits until it is ready.
+    pub fn start_agent(&mut self, i: usize) -> Result<Duration> {
+        let node = &self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.log())?;
+        let started = Instant::now();
+        let child = Command::new("ip")
+            .args(["netns", "exec", node.ns.name()])
+            .arg(&self.bins.agent)
+            .args(["--node-name", &node.name, "--firewall", &self.spec.firewall])
+            .args([
+                "--port-range",
+                &self.spec.port_range,
+                "--metrics-addr",
+                "off",
+                "--repair-interval-ms",
+                "500",
+            ])
+            .arg(format!("--pods=dir:{}", node.dir.join("pods").display()))
+            .arg("--socket")
+            .arg(node.socket())
+            .arg("--state-dir")
+            .arg(node.dir.join("state"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting randportd")?;
+        let mut pids = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("pids"))?;
+        writeln!(pids, "{}", child.id())?;
+        let node = &mut self.nodes[i];
+        node.agent = Some(child);
+        loop {
+            if let Ok(Response::Ok { ready: true, .. }) =
+                rpc::call(&node.socket(), &Request::Status, Duration::from_secs(2))
+            {
+                return Ok(started.elapsed());
+            }
+            if let Some(agent) = node.agent.as_mut() {
+                if let Ok(Some(status)) = agent.try_wait() {
+                    bail!(
+                        "randportd on {} exited ({status}):\n{}",
+                        node.name,
+                        tail(&node.log())
+                    );
+                }
+            }
+            if started.elapsed() > Duration::from_secs(15) {
+                bail!(
+                    "randportd on {} not ready after 15 s:\n{}",
+                    node.name,
+                    tail(&node.log())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills node `i`'s agent with SIGKILL (its mappings stay in the kernel).
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut agent) = self.nodes[i].agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+    }
+
+    /// The node a pod runs on.
+    pub fn node_of(&self, pod: &str) -> Result<&SimNode> {
+        let pod = self.pod(pod)?;
+        Ok(&self.nodes[pod.spec.node])
+    }
+
+    /// A pod by name.
+    pub fn pod(&self, name: &str) -> Result<&SimPod> {
+        self.pods
+            .iter()
+            .find(|p| p.spec.name == name)
+            .ok_or_else(|| anyhow!("no pod {name} in this run"))
+    }
+
+    fn pod_file(&self, spec: &PodSpec) -> PathBuf {
+        self.nodes[spec.node]
+            .dir
+            .join("pods")
+            .join(&spec.namespace)
+            .join(format!("{}.json", spec.name))
+    }
+
+    /// Creates a pod the way a runtime does: namespace and veth (the main plugin's job),
+    /// workload, Pod object, then the real plugin's ADD. Returns its mappings.
+    pub fn add_pod(&mut self, spec: PodSpec) -> Result<Vec<PortEntry>> {
+        if spec.node >= self.nodes.len() {
+            bail!("pod {}: no node {}", spec.name, spec.node);
+        }
+        if self
+            .pods
+            .iter()
+            .any(|p| p.spec.name == spec.name && p.spec.namespace == spec.namespace)
+        {
+            bail!("pod {} exists already", spec.pod_ref());
+        }
+        let node = &mut self.nodes[spec.node];
+        let j = node.next_pod;
+        node.next_pod += 1;
+        let node = &self.nodes[spec.node];
+        let (v4, v6) = addresses::pod_ips(node.index, j);
+        let ns = Netns::create(&ns_name(&self.run_id, &format!("{}-p{j}", node.name)))?;
+        prepare(&ns, self.spec.ipv6)?;
+        let host_if = format!("p{j}");
+        node.ns.veth(&host_if, &ns, "eth0")?;
+        let gw = addresses::pod_gateway_v4(node.index);
+        node.ns.addr(&host_if, &format!("{gw}/32"))?;
+        node.ns
+            .ip(&["route", "add", &format!("{v4}/32"), "dev", &host_if])?;
+        ns.addr("eth0", &format!("{v4}/32"))?;
+        ns.ip(&["route", "add", &gw.to_string(), "dev", "eth0"])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &gw.to_string(),
+            "dev",
+            "eth0",
+        ])?;
+        let mut ips = vec![IpAddr::V4(v4)];
+        if self.spec.ipv6 {
+            let gw6 = Ipv6Addr::new(0x2001, 0xdb8, 1, node.index as u16, 0, 0, 0, 1);
+            node.ns.addr(&host_if, &format!("{gw6}/128"))?;
+            node.ns
+                .ip(&["-6", "route", "add", &format!("{v6}/128"), "dev", &host_if])?;
+            ns.addr("eth0", &format!("{v6}/128"))?;
+            ns.ip(&["-6", "route", "add", &gw6.to_string(), "dev", "eth0"])?;
+            ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw6.to_string(),
+                "dev",
+                "eth0",
+            ])?;
+            ips.push(IpAddr::V6(v6));
+        }
+        let ports: Vec<(u16, Protocol)> = spec
+            .ports
+            .iter()
+            .map(|p| (p.container_port, p.protocol))
+            .collect();
+        let workload = workload::start(&ns, &spec.name, &ports)?;
+        self.write_pod_object(&spec)?;
+
+        let sandbox = SandboxId(format!("{}{}{j:04}", self.run_id, node.index));
+        let started = Instant::now();
+        let (ok, stdout) = self.cni(&spec, &sandbox, "ADD", &ips)?;
+        let add_time = started.elapsed();
+        let pod = SimPod {
+            spec,
+            ns,
+            ips,
+            sandbox,
+            add_time,
+            _workload: workload,
+        };
+        if !ok {
+            let message = serde_json::from_str::<Value>(&stdout)
+                .ok()
+                .and_then(|v| v["details"].as_str().map(str::to_owned))
+                .unwrap_or(stdout);
+            let name = pod.spec.pod_ref();
+            drop(pod);
+            bail!("ADD of pod {name} failed: {message}");
+        }
+        let printed: Value = serde_json::from_str(&stdout).context("ADD printed no JSON")?;
+        if printed["ips"][0]["address"] != json!(format!("{v4}/32")) {
+            bail!(
+                "ADD of pod {} did not print prevResult unchanged: {stdout}",
+                pod.spec.pod_ref()
+            );
+        }
+        self.pods.push(pod);
+        let name = self.pods[self.pods.len() - 1].spec.name.clone();
+        self.mappings(&name)
+    }
+
+    fn write_pod_object(&self, spec: &PodSpec) -> Result<()> {
+        let ports: Vec<Value> = spec
+            .ports
+            .iter()
+            .map(|p| {
+                let mut port =
+                    json!({"containerPort": p.container_port, "protocol": p.protocol.as_k8s()});
+                if let Some(hp) = p.host_port {
+                    port["hostPort"] = json!(hp);
+                }
+                if let Some(ip) = p.host_ip {
+                    port["hostIP"] = json!(ip.to_string());
+                }
+                port
+            })
+            .collect();
+        let mut annotations = json!({"sim.randport.dev/run": self.run_id});
+        if spec.annotate {
+            annotations[DEFAULT_ANNOTATION] = json!("");
+        }
+        let object = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": spec.name, "namespace": spec.namespace, "uid": format!("uid-{}-{}", self.run_id, spec.name),
+                         "annotations": annotations},
+            "spec": {"nodeName": self.nodes[spec.node].name, "containers": [{"name": "app", "image": "randport-sim/echo", "ports": ports}]}
+        });
+        let path = self.pod_file(spec);
+        std::fs::create_dir_all(path.parent().unwrap_or(Path::new("/")))?;
+        std::fs::write(&path, serde_json::to_vec_pretty(&object)?)?;
+        Ok(())
+    }
+
+    /// Execs the plugin for `pod` as a runtime would: (success, stdout).
+    fn cni(
+        &self,
+        spec: &PodSpec,
+        sandbox: &SandboxId,
+        command: &str,
+        ips: &[IpAddr],
+    ) -> Result<(bool, String)> {
+        let node = &self.nodes[spec.node];
+        let prev_ips: Vec<Value> = ips
+            .iter()
+            .map(|ip| match ip {
+                IpAddr::V4(v4) => json!({"address": format!("{v4}/32"), "gateway": addresses::pod_gateway_v4(node.index).to_string(), "interface": 0}),
+                IpAddr::V6(v6) => json!({"address": format!("{v6}/128"), "interface": 0}),
+            })
+            .collect();
+        let conf = json!({
+            "cniVersion": "1.1.0", "name": "randport-sim", "type": "randport", "socket": node.socket(),
+            "prevResult": {"cniVersion": "1.1.0", "interfaces": [{"name": "eth0"}], "ips": prev_ips}
+        });
+        let mut child = Command::new(&self.bins.plugin)
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &sandbox.0)
+            .env("CNI_NETNS", "/run/netns/sim")
+            .env("CNI_IFNAME", "eth0")
+            .env(
+                "CNI_PATH",
+                self.bins.plugin.parent().unwrap_or(Path::new("/")),
+            )
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+                    spec.namespace, spec.name
+                ),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("running the randport plugin")?;
+        child
+            .stdin
+            .take()
+            .context("plugin stdin")?
+            .write_all(conf.to_string().as_bytes())?;
+        let out = child.wait_with_output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    }
+
+    /// Deletes a pod the way a runtime does: the plugin's DEL, then the Pod object and
+    /// the namespace.
+    pub fn delete_pod(&mut self, name: &str) -> Result<()> {
+        let index = self
+            .pods
+            .iter()
+            .position(|p| p.spec.name == name)
+            .ok_or_else(|| anyhow!("no pod {name}"))?;
+        let pod = self.pods.remove(index);
+        let (ok, stdout) = self.cni(&pod.spec, &pod.sandbox, "DEL", &pod.ips)?;
+        if !ok {
+            bail!("DEL of pod {} failed: {stdout}", pod.spec.pod_ref());
+        }
+        let _ = std::fs::remove_file(self.pod_file(&pod.spec));
+        Ok(())
+    }
+
+    /// The mappings written into a pod's annotation (or an error if none were).
+    pub fn mappings(&self, name: &str) -> Result<Vec<PortEntry>> {
+        let pod = self.pod(name)?;
+        let object: Value = serde_json::from_slice(&std::fs::read(self.pod_file(&pod.spec))?)?;
+        let Some(value) = object["metadata"]["annotations"][DEFAULT_ANNOTATION].as_str() else {
+            bail!(
+                "pod {} carries no port-mapping annotation",
+                pod.spec.pod_ref()
+            );
+        };
+        match decode(&pod.spec.pod_ref(), value)? {
+            AnnotationValue::Mapped(entries) => Ok(entries),
+            AnnotationValue::Requested => {
+                bail!("no mapping was written back for pod {}", pod.spec.pod_ref())
+            }
+        }
+    }
+
+    /// What node `i`'s agent reports.
+    pub fn agent_records(&self, i: usize) -> Result<Vec<SandboxRecord>> {
+        match rpc::call(
+            &self.nodes[i].socket(),
+            &Request::List,
+            Duration::from_secs(5),
+        )? {
+            Response::Ok { records, .. } => Ok(records),
+            Response::Error(e) => bail!("{e}"),
+        }
+    }
+
+    fn origin_ns(&self, origin: Origin<'_>) -> Result<&Netns> {
+        Ok(match origin {
+            Origin::Client => &self.client,
+            Origin::Pod(name) => &self.pod(name)?.ns,
+            Origin::Node(i) => &self.nodes.get(i).ok_or_else(|| anyhow!("no node {i}"))?.ns,
+        })
+    }
+
+    /// Connects over TCP from `origin` to `addr` and returns the greeting line.
+    pub fn tcp(&self, origin: Origin<'_>, addr: SocketAddr) -> Result<String> {
+        let stream = self
+            .origin_ns(origin)?
+            .enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line)?;
+        if line.is_empty() {
+            bail!("{addr} closed the connection without a word");
+        }
+        Ok(line.trim_end().to_owned())
+    }
+
+    /// Opens a TCP connection from `origin` to `addr` and keeps it (greeting consumed).
+    pub fn tcp_connection(
+        &self,
+        origin: Origin<'_>,
+        addr: SocketAddr,
+    ) -> Result<(TcpStream, String)> {
+        let stream = self
+            .origin_ns(origin)?
+            .enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut line = String::new();
+        BufReader::new(stream.try_clone()?).read_line(&mut line)?;
+        Ok((stream, line.trim_end().to_owned()))
+    }
+
+    /// Sends a UDP datagram from `origin` to `addr` and returns the answer (three tries).
+    pub fn udp(&self, origin: Origin<'_>, addr: SocketAddr) -> Result<String> {
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0".parse()?
+        } else {
+            "0.0.0.0:0".parse()?
+        };
+        let socket = self
+            .origin_ns(origin)?
+            .enter(move || UdpSocket::bind(bind))??;
+        socket.set_read_timeout(Some(Duration::from_millis(400)))?;
+        let mut buf = [0u8; 256];
+        let mut last = None;
+        for _ in 0..3 {
+            socket.send_to(b"who are you?", addr)?;
+            match socket.recv(&mut buf) {
+                Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(anyhow!(
+            "no UDP answer from {addr}: {}",
+            last.map(|e| e.to_string()).unwrap_or_default()
+        ))
+    }
+
+    /// Whether `port` can be bound for `protocol` on node `i` (false while randport holds it).
+    pub fn port_free_on_node(&self, i: usize, protocol: Protocol, port: u16) -> Result<bool> {
+        self.nodes[i].ns.enter(move || match protocol {
+            Protocol::Udp => UdpSocket::bind(("::", port)).is_ok(),
+            _ => TcpListener::bind(("::", port)).is_ok(),
+        })
+    }
+
+    /// A short description of the run, for logs.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let _ = write!(
+            out,
+            "run {} ({} nodes, {} pods, firewall {})",
+            self.run_id,
+            self.nodes.len(),
+            self.pods.len(),
+            self.spec.firewall
+        );
+        out
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill_agent(i);
+        }
+        self.pods.clear();
+        self.nodes.clear();
+        // The client and underlay namespaces go with the fields; then the files.
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
