@@ -19,6 +19,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "doctests"
 cargo test --workspace --doc --locked
 
+step "building the binaries the root tests drive (randportd, randport, randport-sim)"
+cargo build --workspace --bins --locked
+
 step "tests (cargo nextest)"
 cargo nextest run --workspace --locked --no-fail-fast
 
