@@ -44,6 +44,24 @@ fn error(code: u32, msg: &str, details: String) -> Response {
 /// are refused.
 pub fn serve_connection(agent: &Agent, mut stream: UnixStream, allowed_uid: u32) {
     let response = (|| {
+        // The request is read (boundedly) before anything is answered, so that every
+        // client reads its answer instead of a connection reset.
+        let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
+        let bytes = match read_limited(&mut stream, MAX_REQUEST) {
+            Ok(bytes) => bytes,
+            Err(RpcError::TooLong(n)) => {
+                // Drain (boundedly) what the client still sends, so that it reads the
+                // error instead of a connection reset.
+                let limit = 16 * MAX_REQUEST as u64;
+                let _ = std::io::copy(&mut (&stream).take(limit), &mut std::io::sink());
+                return error(
+                    6,
+                    "Failed to decode content",
+                    format!("request longer than {n} bytes"),
+                );
+            }
+            Err(e) => return error(5, "I/O failure", e.to_string()),
+        };
         match getsockopt(&stream, PeerCredentials) {
             Ok(cred) if cred.uid() == allowed_uid => {}
             Ok(cred) => {
@@ -64,22 +82,6 @@ pub fn serve_connection(agent: &Agent, mut stream: UnixStream, allowed_uid: u32)
                 );
             }
         }
-        let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
-        let bytes = match read_limited(&mut stream, MAX_REQUEST) {
-            Ok(bytes) => bytes,
-            Err(RpcError::TooLong(n)) => {
-                // Drain (boundedly) what the client still sends, so that it reads the
-                // error instead of a connection reset.
-                let limit = 16 * MAX_REQUEST as u64;
-                let _ = std::io::copy(&mut (&stream).take(limit), &mut std::io::sink());
-                return error(
-                    6,
-                    "Failed to decode content",
-                    format!("request longer than {n} bytes"),
-                );
-            }
-            Err(e) => return error(5, "I/O failure", e.to_string()),
-        };
         match serde_json::from_slice::<Request>(&bytes) {
             Ok(request) => agent.handle(request),
             Err(e) => error(
