@@ -453,12 +453,18 @@ fn restart_keeps_connections_and_flushes_are_repaired(backend: &'static str) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The agent logs the repair right after applying it: wait for the line.
+    let logged = |log: &str| log.contains("flushed by someone else; re-applied");
     let mut log = String::new();
-    std::fs::File::open(&_agent.log)
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
-    assert!(log.contains("flushed by someone else; re-applied"), "{log}");
+    while !logged(&log) && flushed.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(20));
+        log.clear();
+        std::fs::File::open(&_agent.log)
+            .unwrap()
+            .read_to_string(&mut log)
+            .unwrap();
+    }
+    assert!(logged(&log), "{log}");
     let _ = Path::new(&cluster.dir);
 }
 
