@@ -274,6 +274,14 @@ fn demo(args: &[String]) -> Result<bool> {
         rows.iter().filter(|r| r.check.ok()).count() + others.iter().filter(|c| c.ok()).count();
     let failed = rows.len() + others.len() - passed;
     let description = cluster.describe();
+    if failed > 0 {
+        let kept = std::path::Path::new("/tmp/randport-sim-logs").join(&cluster.run_id);
+        std::fs::create_dir_all(&kept)?;
+        for node in &cluster.nodes {
+            std::fs::copy(node.log(), kept.join(format!("{}.log", node.name)))?;
+        }
+        println!("\n==> agent logs kept in {}", kept.display());
+    }
     drop(cluster);
     println!("\n==> removed {description}: namespaces, agents and files");
     println!("==> took {:.1} s", started.elapsed().as_secs_f64());
