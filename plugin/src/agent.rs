@@ -17,7 +17,7 @@ use randport_core::{
     SandboxRecord, SandboxRequest, plan,
 };
 
-use crate::conntrack::{Conntrack, needs_flush};
+use crate::conntrack::{Conntrack, ConntrackQueue, needs_flush};
 use crate::firewall::{Firewall, FirewallError};
 use crate::holder::{HeldPort, HoldError, PortHolder};
 use crate::metrics::{Gauges, Metrics};
@@ -206,7 +206,11 @@ pub struct StartReport {
 /// The node agent.
 pub struct Agent {
     config: AgentConfig,
-    fx: Effects,
+    firewall: Box<dyn Firewall>,
+    holder: Box<dyn PortHolder>,
+    state: Box<dyn StateStore>,
+    pods: Box<dyn PodSource>,
+    conntrack: ConntrackQueue,
     inner: Mutex<Inner>,
     ready: AtomicBool,
     /// Counters and histograms.
@@ -217,9 +221,20 @@ impl Agent {
     /// An agent that is not ready until [`Agent::start`] has run.
     pub fn new(config: AgentConfig, fx: Effects) -> Self {
         let alloc = HostPortAllocator::new(config.port_range, config.reserved.clone());
+        let Effects {
+            firewall,
+            holder,
+            conntrack,
+            state,
+            pods,
+        } = fx;
         Agent {
             config,
-            fx,
+            firewall,
+            holder,
+            state,
+            pods,
+            conntrack: ConntrackQueue::spawn(conntrack),
             inner: Mutex::new(Inner {
                 alloc,
                 records: BTreeMap::new(),
@@ -250,7 +265,7 @@ impl Agent {
     pub fn start(&self) -> Result<StartReport, AgentError> {
         let mut report = StartReport::default();
         let mut inner = self.lock();
-        for record in self.fx.state.load_all()? {
+        for record in self.state.load_all()? {
             let mut holds = Vec::new();
             for m in &record.mappings {
                 let key = PortKey::on(m.protocol, m.host_ip);
@@ -260,7 +275,7 @@ impl Agent {
                         record.sandbox, m.host_port
                     ));
                 }
-                match self.fx.holder.hold(key, m.host_port) {
+                match self.holder.hold(key, m.host_port) {
                     Ok(held) => holds.push(held),
                     Err(e) => report.warnings.push(format!(
                         "pod {}: {e}; its mapping stays, but the port is not held",
@@ -273,10 +288,10 @@ impl Agent {
         }
         report.restored = inner.records.len();
         let all: Vec<SandboxRecord> = inner.records.values().cloned().collect();
-        self.fx.firewall.replace_all(&all)?;
+        self.firewall.replace_all(&all)?;
 
         for record in all {
-            match self.fx.pods.get(&record.pod) {
+            match self.pods.get(&record.pod) {
                 Ok(pod)
                     if record.pod.uid.is_empty()
                         || pod.pod.uid.is_empty()
@@ -284,7 +299,7 @@ impl Agent {
                 {
                     let value = annotation::encode(&record.annotation_entries());
                     if pod.annotation.as_ref().is_some_and(|v| *v != value) {
-                        match self.fx.pods.write_annotation(&record.pod, &value) {
+                        match self.pods.write_annotation(&record.pod, &value) {
                             Ok(()) => report.rewritten.push(record.pod.clone()),
                             Err(e) => report
                                 .warnings
@@ -308,7 +323,7 @@ impl Agent {
     fn resolve_pod(&self, pod: &PodRef) -> Result<crate::pods::PodInfo, AgentError> {
         let deadline = Instant::now() + self.config.pod_wait;
         loop {
-            match self.fx.pods.get(pod) {
+            match self.pods.get(pod) {
                 Err(PodError::NotFound { .. }) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -357,7 +372,7 @@ impl Agent {
         let inner = &mut *inner;
         let mut holds: Vec<HeldPort> = Vec::new();
         let mut hard_error: Option<HoldError> = None;
-        let holder = &self.fx.holder;
+        let holder = &self.holder;
         let planned = plan(
             &request,
             &mut inner.alloc,
@@ -387,8 +402,7 @@ impl Agent {
         };
         if record.mappings.is_empty() {
             if request.mapping_requested {
-                self.fx
-                    .pods
+                self.pods
                     .write_annotation(&record.pod, "[]")
                     .map_err(AgentError::Writeback)?;
             }
@@ -396,27 +410,25 @@ impl Agent {
         }
 
         // 4. Persist.
-        if let Err(e) = self.fx.state.save(&record) {
+        if let Err(e) = self.state.save(&record) {
             inner.release(&record);
             return Err(e.into());
         }
         // 5. Firewall.
-        if let Err(e) = self.fx.firewall.add(&record) {
-            let _ = self.fx.state.delete(&record.sandbox);
+        if let Err(e) = self.firewall.add(&record) {
+            let _ = self.state.delete(&record.sandbox);
             inner.release(&record);
             return Err(e.into());
         }
         inner.holds.insert(record.sandbox.clone(), holds);
         inner.records.insert(record.sandbox.clone(), record.clone());
-        // 6. Conntrack, after the rules. A failure leaves stale UDP flows, not a broken
-        // mapping: it is reported, not undone.
-        for warning in self.flush_conntrack(&record) {
-            eprintln!("randportd: warning: pod {}: {warning}", record.pod);
-        }
+        // 6. Conntrack, after the rules, on the worker. A failure leaves stale UDP
+        // flows, not a broken mapping: it is logged, not undone.
+        self.flush_conntrack(&record);
         // 7. Writeback.
         if request.mapping_requested {
             let value = annotation::encode(&record.annotation_entries());
-            if let Err(e) = self.fx.pods.write_annotation(&record.pod, &value) {
+            if let Err(e) = self.pods.write_annotation(&record.pod, &value) {
                 let _ = self.remove_locked(inner, &record.sandbox);
                 return Err(AgentError::Writeback(e));
             }
@@ -424,18 +436,17 @@ impl Agent {
         Ok(Some(record))
     }
 
-    fn flush_conntrack(&self, record: &SandboxRecord) -> Vec<String> {
-        let mut errors = Vec::new();
+    fn flush_conntrack(&self, record: &SandboxRecord) {
         for m in record.mappings.iter().filter(|m| needs_flush(m.protocol)) {
-            if let Err(e) = self
-                .fx
-                .conntrack
-                .flush(PortKey::on(m.protocol, m.host_ip), m.host_port)
-            {
-                errors.push(e.to_string());
-            }
+            let context = format!("pod {} sandbox {}", record.pod, record.sandbox);
+            self.conntrack
+                .enqueue(PortKey::on(m.protocol, m.host_ip), m.host_port, context);
         }
-        errors
+    }
+
+    /// Waits until the queued conntrack flushes are done (at most `timeout`).
+    pub fn conntrack_idle(&self, timeout: Duration) -> bool {
+        self.conntrack.wait_idle(timeout)
     }
 
     /// Removes a sandbox's rules, holds, conntrack entries and record, going on after
@@ -446,13 +457,13 @@ impl Agent {
         };
         let mut errors = Vec::new();
         let remaining = inner.others(sandbox);
-        if let Err(e) = self.fx.firewall.remove(&record, &remaining) {
+        if let Err(e) = self.firewall.remove(&record, &remaining) {
             errors.push(e.to_string());
         }
         inner.release(&record);
         inner.records.remove(sandbox);
-        errors.extend(self.flush_conntrack(&record));
-        if let Err(e) = self.fx.state.delete(sandbox) {
+        self.flush_conntrack(&record);
+        if let Err(e) = self.state.delete(sandbox) {
             errors.push(e.to_string());
         }
         if errors.is_empty() {
@@ -487,10 +498,10 @@ impl Agent {
                 record.mappings.len()
             )));
         }
-        if !self.fx.firewall.verify(record)? {
+        if !self.firewall.verify(record)? {
             return Err(missing(format!(
                 "its {} rules are incomplete",
-                self.fx.firewall.name()
+                self.firewall.name()
             )));
         }
         Ok(())
@@ -527,10 +538,10 @@ impl Agent {
     pub fn repair(&self) -> Result<bool, AgentError> {
         let inner = self.lock();
         let all: Vec<SandboxRecord> = inner.records.values().cloned().collect();
-        if self.fx.firewall.intact(&all)? {
+        if self.firewall.intact(&all)? {
             return Ok(false);
         }
-        self.fx.firewall.replace_all(&all)?;
+        self.firewall.replace_all(&all)?;
         self.metrics.repairs.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }

@@ -161,6 +161,10 @@ fn add_runs_every_step_in_order() {
         .find(|m| m.protocol == Protocol::Udp)
         .unwrap()
         .host_port;
+    assert!(
+        node.agent.conntrack_idle(Duration::from_secs(2)),
+        "conntrack flush not done"
+    );
     assert_eq!(
         *node.conntrack.flushed.lock().unwrap(),
         vec![(PortKey::any(Protocol::Udp), udp)]
@@ -376,10 +380,15 @@ fn del_releases_everything_and_is_idempotent() {
         .add(&add_req("web-0", "sb1", "198.18.0.5"))
         .unwrap()
         .unwrap();
+    assert!(node.agent.conntrack_idle(Duration::from_secs(2)));
     node.conntrack.flushed.lock().unwrap().clear();
     node.agent.del(&record.sandbox).unwrap();
     node.agent.del(&record.sandbox).unwrap();
     assert_nothing_left(&node);
+    assert!(
+        node.agent.conntrack_idle(Duration::from_secs(2)),
+        "conntrack flush not done"
+    );
     assert_eq!(
         *node.conntrack.flushed.lock().unwrap(),
         vec![(PortKey::any(Protocol::Udp), 20000)]

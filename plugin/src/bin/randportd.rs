@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use randport_core::{DEFAULT_ANNOTATION, PortRange, ReservedPorts, SandboxRecord};
 use randport_plugin::agent::{Agent, AgentConfig, Effects};
 use randport_plugin::cni::DEFAULT_SOCKET;
-use randport_plugin::conntrack::ConntrackTool;
+use randport_plugin::conntrack::NetlinkConntrack;
 use randport_plugin::firewall::{self, Backend, IptablesFirewall, NftFirewall};
 use randport_plugin::holder::SocketHolder;
 use randport_plugin::node_ports::{NodePorts, overlap_warning};
@@ -171,7 +171,7 @@ fn run_agent(cli: Cli) -> Result<()> {
     let fx = Effects {
         firewall: firewall::backend(cli.firewall),
         holder: Box::new(SocketHolder),
-        conntrack: Box::new(ConntrackTool),
+        conntrack: Box::new(NetlinkConntrack),
         state: Box::new(DirStateStore::open(&cli.state_dir)?),
         pods: Box::new(pods),
     };

@@ -1,0 +1,113 @@
+//! Root-only: the ctnetlink flush deletes exactly the entries of one protocol, port and
+//! (when given) address, in a fresh namespace; the `conntrack` tool agrees.
+
+use std::net::UdpSocket;
+
+use randport_core::{PortKey, Protocol};
+use randport_itests::{TestNetns, have, in_ci, root_or_skip, test_netns};
+use randport_plugin::conntrack::{Conntrack, ConntrackTool, NetlinkConntrack};
+
+/// Conntrack entries listed by the tool for UDP flows to `port` (and `dst`).
+fn entries(ns: &randport_itests::Netns, port: u16, dst: Option<&str>) -> usize {
+    let port = port.to_string();
+    let mut args = vec!["-L", "-p", "udp", "--orig-port-dst", port.as_str()];
+    if let Some(dst) = dst {
+        args.extend(["--orig-dst", dst]);
+    }
+    let out = ns.out("conntrack", &args, "");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("udp"))
+        .count()
+}
+
+fn flows(ns: &randport_itests::Netns, to: &[(&'static str, u16)]) {
+    let to = to.to_vec();
+    ns.inside(move || {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for (ip, port) in to {
+            socket.send_to(b"x", (ip, port)).unwrap();
+        }
+    });
+}
+
+fn flush_removes_only_the_matching_entries(conntrack: impl Conntrack + Copy + 'static) {
+    let ns = test_netns("ct");
+    ns.sh("ip", &["link", "set", "lo", "up"], "");
+    ns.sh("ip", &["addr", "add", "127.0.0.2/8", "dev", "lo"], "");
+    // A nat table makes the namespace track connections.
+    ns.sh(
+        "nft",
+        &["-f", "-"],
+        &randport_core::render::nft::ruleset("randport", &[]),
+    );
+    flows(
+        &ns,
+        &[
+            ("127.0.0.1", 20001),
+            ("127.0.0.2", 20001),
+            ("127.0.0.1", 20002),
+        ],
+    );
+    assert_eq!(entries(&ns, 20001, None), 2);
+    assert_eq!(entries(&ns, 20002, None), 1);
+
+    let one = PortKey::on(Protocol::Udp, Some("127.0.0.2".parse().unwrap()));
+    ns.inside(move || conntrack.flush(one, 20001)).unwrap();
+    assert_eq!(
+        entries(&ns, 20001, Some("127.0.0.2")),
+        0,
+        "the host IP's entry stays"
+    );
+    assert_eq!(
+        entries(&ns, 20001, Some("127.0.0.1")),
+        1,
+        "another address's entry went"
+    );
+
+    ns.inside(move || conntrack.flush(PortKey::any(Protocol::Tcp), 20001))
+        .unwrap();
+    assert_eq!(
+        entries(&ns, 20001, None),
+        1,
+        "a TCP flush removed UDP entries"
+    );
+    ns.inside(move || conntrack.flush(PortKey::any(Protocol::Udp), 20001))
+        .unwrap();
+    assert_eq!(entries(&ns, 20001, None), 0);
+    assert_eq!(entries(&ns, 20002, None), 1, "another port's entry went");
+    // Nothing left to flush is fine.
+    ns.inside(move || conntrack.flush(PortKey::any(Protocol::Udp), 20001))
+        .unwrap();
+}
+
+fn ready(test: &str) -> bool {
+    if !root_or_skip(test) {
+        return false;
+    }
+    for tool in ["conntrack", "nft"] {
+        if !have(tool) {
+            assert!(
+                !in_ci(),
+                "{test}: {tool} is not installed; `just test` installs it"
+            );
+            eprintln!("SKIPPED {test}: {tool} is not installed");
+            return false;
+        }
+    }
+    true
+}
+
+#[test]
+fn netlink_flush_removes_only_the_matching_entries() {
+    if ready("netlink_flush_removes_only_the_matching_entries") {
+        flush_removes_only_the_matching_entries(NetlinkConntrack);
+    }
+}
+
+#[test]
+fn tool_flush_removes_only_the_matching_entries() {
+    if ready("tool_flush_removes_only_the_matching_entries") {
+        flush_removes_only_the_matching_entries(ConntrackTool);
+    }
+}
