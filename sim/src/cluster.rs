@@ -42,6 +42,8 @@ pub struct ClusterSpec {
     pub port_range: String,
     /// The run id (6 hex digits); a random one when `None`.
     pub run_id: Option<String>,
+    /// The agents' `--repair-interval-ms`.
+    pub repair_interval_ms: u64,
 }
 
 impl Default for ClusterSpec {
@@ -52,6 +54,7 @@ impl Default for ClusterSpec {
             firewall: "nftables".into(),
             port_range: "20000-29999".into(),
             run_id: None,
+            repair_interval_ms: 500,
         }
     }
 }
@@ -145,6 +148,11 @@ impl SimNode {
     /// The agent's log.
     pub fn log(&self) -> PathBuf {
         self.dir.join("agent.log")
+    }
+
+    /// The running agent's process id.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
     }
 
     /// The node's addresses (IPv4 first).
@@ -563,8 +571,13 @@ impl Cluster {
                 pod.spec.pod_ref()
             );
         }
+        let annotated = pod.spec.annotate;
+        let name = pod.spec.name.clone();
         self.pods.push(pod);
-        let name = self.pods[self.pods.len() - 1].spec.name.clone();
+        if !annotated {
+            // Nothing is written back for a pod without the annotation.
+            return Ok(Vec::new());
+        }
         self.mappings(&name)
     }
 

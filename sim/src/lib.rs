@@ -2,6 +2,7 @@
 //!
 //! - [`cluster`]: nodes, pods, an outside client and an underlay in network namespaces,
 //!   one real `randportd` per node, the real `randport` plugin driven as a runtime would.
+//! - [`bench`]: randport against the CNI portmap plugin, on simulated nodes.
 //! - [`checks`]: what the demo verifies with traffic.
 //! - [`workload`]: the echo server in every pod.
 //! - [`netns`]: namespaces, entered on dedicated threads.
@@ -10,6 +11,7 @@
 //! - [`preview`]: the mappings randport-core decides, without a kernel.
 
 pub mod addresses;
+pub mod bench;
 pub mod checks;
 pub mod cluster;
 pub mod down;

@@ -17,6 +17,7 @@ use randport_sim::{down, preview};
 
 const USAGE: &str = "usage: randport-sim demo [--nodes N] [--pods N] [--ipv6] [--firewall nftables|iptables] [--port-range LO-HI]
        randport-sim down [RUN_ID]
+       randport-sim bench [--quick] [--out FILE.md]
        randport-sim plan [--nodes N] [--pods N] [--ipv6] [--seed N] [--rules]";
 
 /// The run the signal handler cleans up.
@@ -98,6 +99,7 @@ fn run(args: Vec<String>) -> Result<bool> {
             Ok(true)
         }
         "plan" => plan(rest).map(|()| true),
+        "bench" => bench(rest).map(|()| true),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(true)
@@ -184,6 +186,7 @@ fn demo(args: &[String]) -> Result<bool> {
         firewall: a.firewall.clone(),
         port_range: a.port_range.clone(),
         run_id: Some(run_id),
+        ..ClusterSpec::default()
     };
     let mut cluster = Cluster::up(spec, &mut |message| println!("==> {message}"))?;
 
@@ -287,6 +290,44 @@ fn demo(args: &[String]) -> Result<bool> {
     println!("==> took {:.1} s", started.elapsed().as_secs_f64());
     println!("checks: {passed} passed, {failed} failed");
     Ok(failed == 0)
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    use randport_sim::bench::{self, BenchSpec};
+    let mut spec = BenchSpec::default();
+    let mut out: Option<std::path::PathBuf> = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--quick" => {
+                spec = BenchSpec {
+                    sizes: vec![0, 100],
+                    portmap_max: 100,
+                    samples: 10,
+                    conn_seconds: 0.5,
+                    conn_sizes: vec![1, 100],
+                    concurrent: 20,
+                }
+            }
+            "--out" => out = Some(it.next().context("--out needs a file")?.into()),
+            other => bail!("unknown option {other:?}\n{USAGE}"),
+        }
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the benchmark makes network namespaces: run it as root");
+    }
+    let command = format!("randport-sim bench {}", args.join(" "));
+    let started = Instant::now();
+    let report = bench::run(&spec, &mut |m| {
+        println!("==> [{:>5.0} s] {m}", started.elapsed().as_secs_f64())
+    })?;
+    let text = bench::markdown(&report, command.trim(), &spec);
+    println!("\n{text}");
+    if let Some(path) = out {
+        bench::write(&path, &text)?;
+        println!("==> written to {}", path.display());
+    }
+    Ok(())
 }
 
 fn plan(args: &[String]) -> Result<()> {
