@@ -536,11 +536,13 @@ impl Agent {
 
     /// Re-applies the whole firewall state when someone flushed it; true if it did.
     pub fn repair(&self) -> Result<bool, AgentError> {
-        let inner = self.lock();
-        let all: Vec<SandboxRecord> = inner.records.values().cloned().collect();
-        if self.firewall.intact(&all)? {
+        // The check runs without the lock, so that ADD and DEL never wait for it.
+        let snapshot: Vec<SandboxRecord> = self.lock().records.values().cloned().collect();
+        if self.firewall.intact(&snapshot)? {
             return Ok(false);
         }
+        let inner = self.lock();
+        let all: Vec<SandboxRecord> = inner.records.values().cloned().collect();
         self.firewall.replace_all(&all)?;
         self.metrics.repairs.fetch_add(1, Ordering::Relaxed);
         Ok(true)

@@ -1,0 +1,112 @@
+//! Root-only: both firewall backends against the real kernel in a fresh namespace:
+//! rebuild, verify, the watchdog's intact check, add, remove, teardown.
+
+use randport_core::examples;
+use randport_itests::{TestNetns, have, in_ci, root_or_skip, test_netns};
+use randport_plugin::firewall::{Firewall, IptablesFirewall, NftFirewall};
+
+fn check_backend(
+    firewall: &'static (dyn Firewall + Sync),
+    flush: &'static [&'static str],
+    delete_one: &'static [&'static str],
+) {
+    let ns = test_netns("fw");
+    let all = examples::all();
+    let records = all.clone();
+    ns.inside(move || firewall.replace_all(&records)).unwrap();
+    let records = all.clone();
+    assert!(
+        ns.inside(move || firewall.intact(&records)).unwrap(),
+        "{}: intact right after a rebuild",
+        firewall.name()
+    );
+    for record in &all {
+        let record = record.clone();
+        assert!(ns.inside(move || firewall.verify(&record)).unwrap());
+    }
+    // One rule or element lost: CHECK (verify) notices.
+    ns.sh(delete_one[0], &delete_one[1..], "");
+    let first = all[0].clone();
+    assert!(
+        !ns.inside(move || firewall.verify(&first)).unwrap(),
+        "{}: verify missed a lost rule",
+        firewall.name()
+    );
+    // Flushed: the watchdog's check notices, a rebuild restores.
+    ns.sh(flush[0], &flush[1..], "");
+    let records = all.clone();
+    assert!(
+        !ns.inside(move || firewall.intact(&records)).unwrap(),
+        "{}: intact after a flush",
+        firewall.name()
+    );
+    let records = all.clone();
+    ns.inside(move || firewall.replace_all(&records)).unwrap();
+    let records = all.clone();
+    assert!(ns.inside(move || firewall.intact(&records)).unwrap());
+    // Remove one sandbox, twice (idempotent), add it back.
+    let (one, rest) = (
+        all[1].clone(),
+        vec![all[0].clone(), all[2].clone(), all[3].clone()],
+    );
+    for _ in 0..2 {
+        let (one, rest) = (one.clone(), rest.clone());
+        ns.inside(move || firewall.remove(&one, &rest)).unwrap();
+    }
+    let probe = one.clone();
+    assert!(!ns.inside(move || firewall.verify(&probe)).unwrap());
+    let probe = one.clone();
+    ns.inside(move || firewall.add(&probe)).unwrap();
+    assert!(ns.inside(move || firewall.verify(&one)).unwrap());
+    ns.inside(move || firewall.teardown()).unwrap();
+    let records = all.clone();
+    assert!(!ns.inside(move || firewall.intact(&records)).unwrap());
+}
+
+fn ready(test: &str, tool: &str) -> bool {
+    if !root_or_skip(test) {
+        return false;
+    }
+    if !have(tool) {
+        assert!(
+            !in_ci(),
+            "{test}: {tool} is not installed; `just test` installs it"
+        );
+        eprintln!("SKIPPED {test}: {tool} is not installed");
+        return false;
+    }
+    true
+}
+
+static NFT: std::sync::LazyLock<NftFirewall> =
+    std::sync::LazyLock::new(|| NftFirewall::new("randport"));
+
+#[test]
+fn nftables_backend_on_the_kernel() {
+    if ready("nftables_backend_on_the_kernel", "nft") {
+        check_backend(
+            &*NFT,
+            &["nft", "flush", "table", "inet", "randport"],
+            &[
+                "nft",
+                "delete",
+                "element",
+                "inet",
+                "randport",
+                "hostports4",
+                "{ tcp . 23817 }",
+            ],
+        );
+    }
+}
+
+#[test]
+fn iptables_backend_on_the_kernel() {
+    if ready("iptables_backend_on_the_kernel", "iptables-restore") {
+        check_backend(
+            &IptablesFirewall,
+            &["iptables", "-t", "nat", "-F", "RANDPORT-HOSTPORTS"],
+            &["iptables", "-t", "nat", "-D", "RANDPORT-HOSTPORTS", "1"],
+        );
+    }
+}
