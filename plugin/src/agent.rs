@@ -190,6 +190,16 @@ impl Inner {
     }
 }
 
+/// Where a queued addition's result goes.
+type CommitReply = std::sync::mpsc::Sender<Result<(), FirewallError>>;
+
+/// Firewall additions waiting for a group commit.
+#[derive(Default)]
+struct AddBatch {
+    queue: Mutex<Vec<(SandboxRecord, CommitReply)>>,
+    commit: Mutex<()>,
+}
+
 /// What start-up found and did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StartReport {
@@ -211,6 +221,7 @@ pub struct Agent {
     state: Box<dyn StateStore>,
     pods: Box<dyn PodSource>,
     conntrack: ConntrackQueue,
+    batch: AddBatch,
     inner: Mutex<Inner>,
     ready: AtomicBool,
     /// Counters and histograms.
@@ -235,6 +246,7 @@ impl Agent {
             state,
             pods,
             conntrack: ConntrackQueue::spawn(conntrack),
+            batch: AddBatch::default(),
             inner: Mutex::new(Inner {
                 alloc,
                 records: BTreeMap::new(),
@@ -339,19 +351,11 @@ impl Agent {
             return Err(AgentError::NotReady(self.config.node_name.clone()));
         }
         validate_id(&req.sandbox)?;
-        let mut inner = self.lock();
-        if let Some(existing) = inner.records.get(&req.sandbox) {
-            if existing.pod.namespace != req.pod.namespace || existing.pod.name != req.pod.name {
-                return Err(AgentError::SandboxReused {
-                    sandbox: req.sandbox.clone(),
-                    existing: existing.pod.clone(),
-                    requested: req.pod.clone(),
-                });
-            }
-            return Ok(Some(existing.clone()));
+        if let Some(existing) = self.existing(req)? {
+            return Ok(Some(existing));
         }
 
-        // 1. The pod.
+        // 1. The pod (without the lock: it may wait for a pod the source lacks yet).
         let pod = self.resolve_pod(&req.pod)?;
         if let Some(value) = &pod.annotation {
             annotation::decode(&req.pod, value)?;
@@ -368,60 +372,71 @@ impl Agent {
             mapping_requested: pod.annotation.is_some(),
         };
 
-        // 2 and 3. Plan, holding every port as it is chosen.
-        let inner = &mut *inner;
-        let mut holds: Vec<HeldPort> = Vec::new();
-        let mut hard_error: Option<HoldError> = None;
-        let holder = &self.holder;
-        let planned = plan(
-            &request,
-            &mut inner.alloc,
-            &mut inner.rng,
-            |key, port| match holder.hold(key, port) {
-                Ok(held) => {
-                    holds.push(held);
-                    true
-                }
-                Err(HoldError::Busy { .. }) => false,
-                Err(other) => {
-                    hard_error = Some(other);
-                    false
-                }
-            },
-        );
-        let mappings = match (planned, hard_error) {
-            (Ok(mappings), _) => mappings,
-            (Err(_), Some(hold)) => return Err(hold.into()),
-            (Err(plan), None) => return Err(plan.into()),
-        };
-        let record = SandboxRecord {
-            sandbox: request.sandbox.clone(),
-            pod: request.pod.clone(),
-            pod_ips: request.pod_ips.clone(),
-            mappings,
-        };
-        if record.mappings.is_empty() {
-            if request.mapping_requested {
-                self.pods
-                    .write_annotation(&record.pod, "[]")
-                    .map_err(AgentError::Writeback)?;
+        let record = {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            if let Some(existing) = inner.records.get(&req.sandbox) {
+                return Ok(Some(existing.clone()));
             }
-            return Ok(None);
-        }
+            // 2 and 3. Plan, holding every port as it is chosen.
+            let mut holds: Vec<HeldPort> = Vec::new();
+            let mut hard_error: Option<HoldError> = None;
+            let holder = &self.holder;
+            let planned = plan(
+                &request,
+                &mut inner.alloc,
+                &mut inner.rng,
+                |key, port| match holder.hold(key, port) {
+                    Ok(held) => {
+                        holds.push(held);
+                        true
+                    }
+                    Err(HoldError::Busy { .. }) => false,
+                    Err(other) => {
+                        hard_error = Some(other);
+                        false
+                    }
+                },
+            );
+            let mappings = match (planned, hard_error) {
+                (Ok(mappings), _) => mappings,
+                (Err(_), Some(hold)) => return Err(hold.into()),
+                (Err(plan), None) => return Err(plan.into()),
+            };
+            let record = SandboxRecord {
+                sandbox: request.sandbox.clone(),
+                pod: request.pod.clone(),
+                pod_ips: request.pod_ips.clone(),
+                mappings,
+            };
+            if record.mappings.is_empty() {
+                drop(guard);
+                if request.mapping_requested {
+                    self.pods
+                        .write_annotation(&record.pod, "[]")
+                        .map_err(AgentError::Writeback)?;
+                }
+                return Ok(None);
+            }
+            // The ports are ours from here on; the lock is not held for the I/O below.
+            inner.holds.insert(record.sandbox.clone(), holds);
+            inner.records.insert(record.sandbox.clone(), record.clone());
+            record
+        };
+        let undo = |error: AgentError| {
+            let mut inner = self.lock();
+            if inner.records.get(&record.sandbox) == Some(&record) {
+                inner.records.remove(&record.sandbox);
+                inner.release(&record);
+                let _ = self.state.delete(&record.sandbox);
+            }
+            error
+        };
 
-        // 4. Persist.
-        if let Err(e) = self.state.save(&record) {
-            inner.release(&record);
-            return Err(e.into());
-        }
-        // 5. Firewall.
-        if let Err(e) = self.firewall.add(&record) {
-            let _ = self.state.delete(&record.sandbox);
-            inner.release(&record);
-            return Err(e.into());
-        }
-        inner.holds.insert(record.sandbox.clone(), holds);
-        inner.records.insert(record.sandbox.clone(), record.clone());
+        // 4. Persist (concurrent ADDs fsync in parallel).
+        self.state.save(&record).map_err(|e| undo(e.into()))?;
+        // 5. Firewall, in one transaction with the ADDs that arrive meanwhile.
+        self.commit_add(&record).map_err(|e| undo(e.into()))?;
         // 6. Conntrack, after the rules, on the worker. A failure leaves stale UDP
         // flows, not a broken mapping: it is logged, not undone.
         self.flush_conntrack(&record);
@@ -429,11 +444,63 @@ impl Agent {
         if request.mapping_requested {
             let value = annotation::encode(&record.annotation_entries());
             if let Err(e) = self.pods.write_annotation(&record.pod, &value) {
-                let _ = self.remove_locked(inner, &record.sandbox);
+                let mut inner = self.lock();
+                let _ = self.remove_locked(&mut inner, &record.sandbox);
                 return Err(AgentError::Writeback(e));
             }
         }
         Ok(Some(record))
+    }
+
+    /// The record of a sandbox that was added already, or an error if it was added for
+    /// another pod.
+    fn existing(&self, req: &AddRequest) -> Result<Option<SandboxRecord>, AgentError> {
+        let inner = self.lock();
+        let Some(existing) = inner.records.get(&req.sandbox) else {
+            return Ok(None);
+        };
+        if existing.pod.namespace != req.pod.namespace || existing.pod.name != req.pod.name {
+            return Err(AgentError::SandboxReused {
+                sandbox: req.sandbox.clone(),
+                existing: existing.pod.clone(),
+                requested: req.pod.clone(),
+            });
+        }
+        Ok(Some(existing.clone()))
+    }
+
+    /// Applies `record`'s firewall change together with those of concurrent ADDs: the
+    /// first caller to get the commit lock applies everything queued in one transaction
+    /// and hands each caller its result (group commit). If the batch fails, each change
+    /// is applied on its own, so that one bad change fails only its own ADD.
+    fn commit_add(&self, record: &SandboxRecord) -> Result<(), FirewallError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.batch
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((record.clone(), tx));
+        loop {
+            if let Ok(result) = rx.try_recv() {
+                return result;
+            }
+            let _leader = self.batch.commit.lock().unwrap_or_else(|e| e.into_inner());
+            if let Ok(result) = rx.try_recv() {
+                return result;
+            }
+            let jobs =
+                std::mem::take(&mut *self.batch.queue.lock().unwrap_or_else(|e| e.into_inner()));
+            let records: Vec<SandboxRecord> = jobs.iter().map(|(r, _)| r.clone()).collect();
+            if self.firewall.add_many(&records).is_ok() {
+                for (_, tx) in jobs {
+                    let _ = tx.send(Ok(()));
+                }
+            } else {
+                for (record, tx) in jobs {
+                    let _ = tx.send(self.firewall.add(&record));
+                }
+            }
+        }
     }
 
     fn flush_conntrack(&self, record: &SandboxRecord) {

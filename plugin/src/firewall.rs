@@ -41,6 +41,10 @@ pub trait Firewall: Send + Sync {
     fn replace_all(&self, records: &[SandboxRecord]) -> Result<(), FirewallError>;
     /// Adds one sandbox.
     fn add(&self, record: &SandboxRecord) -> Result<(), FirewallError>;
+    /// Adds several sandboxes, in one transaction where the backend can.
+    fn add_many(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
+        records.iter().try_for_each(|r| self.add(r))
+    }
     /// Removes one sandbox; `remaining` is every other sandbox, for a rebuild when the
     /// small change cannot be made.
     fn remove(
@@ -148,6 +152,17 @@ impl Firewall for NftFirewall {
         self.apply(
             format!("adding mappings of pod {}", record.pod),
             &nft::add_sandbox(&self.table, record),
+        )
+    }
+
+    fn add_many(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
+        let text: String = records
+            .iter()
+            .map(|r| nft::add_sandbox(&self.table, r))
+            .collect();
+        self.apply(
+            format!("adding the mappings of {} pods", records.len()),
+            &text,
         )
     }
 
@@ -293,6 +308,31 @@ impl Firewall for IptablesFirewall {
         Ok(())
     }
 
+    fn add_many(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
+        for family in FAMILIES {
+            let rules: Vec<String> = records
+                .iter()
+                .filter_map(|r| iptables::add_sandbox(family, r))
+                .flat_map(|p| {
+                    p.lines()
+                        .filter(|l| l.starts_with("-A"))
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            if rules.is_empty() {
+                continue;
+            }
+            let payload = format!("*nat\n{}\nCOMMIT\n", rules.join("\n"));
+            Self::restore(
+                family,
+                &format!("adding the mappings of {} pods", records.len()),
+                &payload,
+            )?;
+        }
+        Ok(())
+    }
+
     fn remove(
         &self,
         record: &SandboxRecord,
@@ -368,6 +408,10 @@ pub struct FakeFirewall {
     pub calls: Mutex<Vec<String>>,
     /// When set, `add` fails.
     pub fail_add: std::sync::atomic::AtomicBool,
+    /// Sandboxes whose addition fails (alone or in a batch).
+    pub fail_for: Mutex<std::collections::HashSet<SandboxId>>,
+    /// How long `add_many` takes, to let concurrent ADDs pile up.
+    pub batch_delay: Mutex<std::time::Duration>,
 }
 
 impl FakeFirewall {
@@ -400,7 +444,12 @@ impl Firewall for FakeFirewall {
 
     fn add(&self, record: &SandboxRecord) -> Result<(), FirewallError> {
         self.log(format!("add({})", record.sandbox));
-        if self.fail_add.load(std::sync::atomic::Ordering::SeqCst) {
+        let failing = self
+            .fail_for
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&record.sandbox);
+        if failing || self.fail_add.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(FirewallError {
                 backend: "fake",
                 what: "add".into(),
@@ -409,6 +458,30 @@ impl Firewall for FakeFirewall {
         }
         self.present()
             .insert(record.sandbox.clone(), nft::element_count(record));
+        Ok(())
+    }
+
+    fn add_many(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
+        self.log(format!("add_many({})", records.len()));
+        std::thread::sleep(*self.batch_delay.lock().unwrap_or_else(|e| e.into_inner()));
+        let fail_for = self
+            .fail_for
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if self.fail_add.load(std::sync::atomic::Ordering::SeqCst)
+            || records.iter().any(|r| fail_for.contains(&r.sandbox))
+        {
+            return Err(FirewallError {
+                backend: "fake",
+                what: "add_many".into(),
+                reason: "injected failure".into(),
+            });
+        }
+        let mut present = self.present();
+        for r in records {
+            present.insert(r.sandbox.clone(), nft::element_count(r));
+        }
         Ok(())
     }
 
@@ -450,6 +523,9 @@ impl<T: Firewall + ?Sized> Firewall for std::sync::Arc<T> {
     }
     fn add(&self, record: &SandboxRecord) -> Result<(), FirewallError> {
         (**self).add(record)
+    }
+    fn add_many(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
+        (**self).add_many(records)
     }
     fn remove(
         &self,

@@ -153,7 +153,7 @@ fn add_runs_every_step_in_order() {
     assert_eq!(node.state.load_all().unwrap(), vec![record.clone()]);
     assert_eq!(
         *node.firewall.calls.lock().unwrap(),
-        vec!["replace_all(0)".to_owned(), "add(sb1)".to_owned()]
+        vec!["replace_all(0)".to_owned(), "add_many(1)".to_owned()]
     );
     let udp = record
         .mappings
@@ -300,7 +300,7 @@ fn a_failing_writeback_undoes_the_add() {
     assert_nothing_left(&node);
     assert_eq!(
         *node.firewall.calls.lock().unwrap(),
-        vec!["replace_all(0)", "add(sb1)", "remove(sb1)"]
+        vec!["replace_all(0)", "add_many(1)", "remove(sb1)"]
     );
 }
 
@@ -582,4 +582,60 @@ fn handle_counts_requests_and_failures() {
     ] {
         assert!(text.contains(line), "{line} missing:\n{text}");
     }
+}
+
+#[test]
+fn concurrent_adds_are_committed_in_batches_and_never_share_a_port() {
+    let node = Arc::new(started("20000-20199"));
+    *node.firewall.batch_delay.lock().unwrap() = Duration::from_millis(20);
+    for i in 0..40 {
+        node.pods.put(pod(&format!("c-{i}"), Some(""), web_ports()));
+    }
+    node.firewall
+        .fail_for
+        .lock()
+        .unwrap()
+        .insert(SandboxId("sb7".into()));
+    let handles: Vec<_> = (0..40)
+        .map(|i| {
+            let node = Arc::clone(&node);
+            std::thread::spawn(move || {
+                node.agent.add(&add_req(
+                    &format!("c-{i}"),
+                    &format!("sb{i}"),
+                    &format!("198.18.1.{i}"),
+                ))
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (i, result) in results.iter().enumerate() {
+        assert_eq!(result.is_ok(), i != 7, "sandbox sb{i}: {result:?}");
+    }
+    let batches = node
+        .firewall
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.starts_with("add_many"))
+        .count();
+    assert!(
+        batches < 40,
+        "no batching: {batches} transactions for 40 ADDs"
+    );
+    let records = node.agent.list();
+    assert_eq!(records.len(), 39, "the failed ADD left nothing behind");
+    let mut seen = std::collections::HashSet::new();
+    for m in records.iter().flat_map(|r| &r.mappings) {
+        assert!(
+            seen.insert((m.protocol, m.host_port)),
+            "port {} given twice",
+            m.host_port
+        );
+    }
+    for r in &records {
+        node.agent.check(&r.sandbox).unwrap();
+    }
+    assert_eq!(node.state.load_all().unwrap().len(), 39);
 }

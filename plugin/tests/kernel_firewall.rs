@@ -12,12 +12,14 @@ fn check_backend(
 ) {
     let ns = test_netns("fw");
     let all = examples::all();
+    // An empty table, then every sandbox in one batched addition.
+    ns.inside(move || firewall.replace_all(&[])).unwrap();
     let records = all.clone();
-    ns.inside(move || firewall.replace_all(&records)).unwrap();
+    ns.inside(move || firewall.add_many(&records)).unwrap();
     let records = all.clone();
     assert!(
         ns.inside(move || firewall.intact(&records)).unwrap(),
-        "{}: intact right after a rebuild",
+        "{}: intact after a batched add",
         firewall.name()
     );
     for record in &all {

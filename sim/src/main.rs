@@ -306,7 +306,7 @@ fn bench(args: &[String]) -> Result<()> {
                     samples: 10,
                     conn_seconds: 0.5,
                     conn_sizes: vec![1, 100],
-                    concurrent: 20,
+                    concurrent: 100,
                 }
             }
             "--out" => out = Some(it.next().context("--out needs a file")?.into()),
