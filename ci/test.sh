@@ -22,6 +22,9 @@ cargo test --workspace --doc --locked
 step "building the binaries the root tests drive (randportd, randport, randport-sim)"
 cargo build --workspace --bins --locked
 
+step "benchmarks compile (cargo bench --no-run; they run in just bench)"
+cargo bench --workspace --no-run --locked
+
 step "tests (cargo nextest)"
 cargo nextest run --workspace --locked --no-fail-fast
 
