@@ -481,6 +481,16 @@ impl Cluster {
     /// Creates a pod the way a runtime does: namespace and veth (the main plugin's job),
     /// workload, Pod object, then the real plugin's ADD. Returns its mappings.
     pub fn add_pod(&mut self, spec: PodSpec) -> Result<Vec<PortEntry>> {
+        self.add_pod_then(spec, &mut || {})
+    }
+
+    /// [`Cluster::add_pod`], calling `before_add` right before the plugin's ADD is exec'd
+    /// (fault tests time a kill of the agent from there).
+    pub fn add_pod_then(
+        &mut self,
+        spec: PodSpec,
+        before_add: &mut dyn FnMut(),
+    ) -> Result<Vec<PortEntry>> {
         if spec.node >= self.nodes.len() {
             bail!("pod {}: no node {}", spec.name, spec.node);
         }
@@ -544,6 +554,7 @@ impl Cluster {
         self.write_pod_object(&spec)?;
 
         let sandbox = SandboxId(format!("{}{}{j:04}", self.run_id, node.index));
+        before_add();
         let started = Instant::now();
         let (ok, stdout) = self.cni(&spec, &sandbox, "ADD", &ips)?;
         let add_time = started.elapsed();
@@ -560,6 +571,10 @@ impl Cluster {
                 .ok()
                 .and_then(|v| v["details"].as_str().map(str::to_owned))
                 .unwrap_or(stdout);
+            // As a runtime does after a failed sandbox: DEL it (best effort), and the
+            // pod goes away.
+            let _ = self.cni(&pod.spec, &pod.sandbox, "DEL", &pod.ips);
+            let _ = std::fs::remove_file(self.pod_file(&pod.spec));
             let name = pod.spec.pod_ref();
             drop(pod);
             bail!("ADD of pod {name} failed: {message}");
@@ -675,11 +690,13 @@ impl Cluster {
             .iter()
             .position(|p| p.spec.name == name)
             .ok_or_else(|| anyhow!("no pod {name}"))?;
-        let pod = self.pods.remove(index);
+        // A failed DEL keeps the pod, so that it can be retried, as a runtime does.
+        let pod = &self.pods[index];
         let (ok, stdout) = self.cni(&pod.spec, &pod.sandbox, "DEL", &pod.ips)?;
         if !ok {
             bail!("DEL of pod {} failed: {stdout}", pod.spec.pod_ref());
         }
+        let pod = self.pods.remove(index);
         let _ = std::fs::remove_file(self.pod_file(&pod.spec));
         Ok(())
     }
