@@ -1,0 +1,151 @@
+//! Root-only security scenarios on the simulator: who can reach a pod through a mapping,
+//! who can talk to the agent, and where stale UDP flows go.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::process::Command;
+use std::time::Duration;
+
+use randport_core::Protocol;
+use randport_itests::root_or_skip;
+use randport_sim::cluster::{Cluster, ClusterSpec, Origin, PodSpec, SimPort};
+
+fn cluster(nodes: usize) -> Cluster {
+    let spec = ClusterSpec {
+        nodes,
+        ..ClusterSpec::default()
+    };
+    Cluster::up(spec, &mut |_| {}).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn tcp_pod(name: &str) -> PodSpec {
+    let mut spec = PodSpec::echo("sec", name, 0);
+    spec.ports = vec![SimPort::new(8080, Protocol::Tcp)];
+    spec
+}
+
+#[test]
+fn only_traffic_addressed_to_the_node_is_translated() {
+    if !root_or_skip("only_traffic_addressed_to_the_node_is_translated") {
+        return;
+    }
+    let mut c = cluster(2);
+    let port = c.add_pod(tcp_pod("a")).unwrap()[0].host_port;
+    let node0 = IpAddr::V4(c.nodes[0].ip4);
+    assert_eq!(
+        c.tcp(Origin::Client, SocketAddr::new(node0, port)).unwrap(),
+        "a"
+    );
+    // The client routes node 1's pod range through node 0: a packet to an address there,
+    // on the mapped port, crosses node 0 without being translated to pod a.
+    let (subnet, bits) = randport_sim::addresses::pod_subnet_v4(1);
+    c.client
+        .ip(&[
+            "route",
+            "add",
+            &format!("{subnet}/{bits}"),
+            "via",
+            &node0.to_string(),
+        ])
+        .unwrap();
+    let elsewhere = SocketAddr::new("198.18.32.200".parse().unwrap(), port);
+    match c.tcp(Origin::Client, elsewhere) {
+        Ok(who) => assert_ne!(
+            who, "a",
+            "traffic routed through node 0 was sent to its pod"
+        ),
+        Err(_) => {}
+    }
+}
+
+#[test]
+fn loopback_reaches_no_pod_but_the_node_address_does() {
+    if !root_or_skip("loopback_reaches_no_pod_but_the_node_address_does") {
+        return;
+    }
+    let mut c = cluster(1);
+    let port = c.add_pod(tcp_pod("a")).unwrap()[0].host_port;
+    let on_node = SocketAddr::new(IpAddr::V4(c.nodes[0].ip4), port);
+    assert_eq!(
+        c.tcp(Origin::Node(0), on_node).unwrap(),
+        "a",
+        "the node reaches its own mapping"
+    );
+    let loopback = SocketAddr::new("127.0.0.1".parse().unwrap(), port);
+    assert!(
+        c.tcp(Origin::Node(0), loopback).is_err(),
+        "127.0.0.1:{port} reached a pod"
+    );
+    let loopback6 = SocketAddr::new("::1".parse().unwrap(), port);
+    assert!(
+        c.tcp(Origin::Node(0), loopback6).is_err(),
+        "[::1]:{port} reached a pod"
+    );
+}
+
+#[test]
+fn the_agent_refuses_callers_other_than_root() {
+    if !root_or_skip("the_agent_refuses_callers_other_than_root") {
+        return;
+    }
+    let mut c = cluster(1);
+    c.add_pod(tcp_pod("a")).unwrap();
+    let before = c.agent_records(0).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&c.bins.agent)
+        .arg("list")
+        .arg("--socket")
+        .arg(c.nodes[0].socket())
+        .output()
+        .expect("run setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "uid 65534 listed the mappings");
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    assert_eq!(c.agent_records(0).unwrap(), before);
+}
+
+#[test]
+fn a_udp_flow_follows_its_host_port_to_the_new_pod() {
+    if !root_or_skip("a_udp_flow_follows_its_host_port_to_the_new_pod") {
+        return;
+    }
+    let mut c = cluster(1);
+    let udp_pod = |name: &str| {
+        let mut spec = PodSpec::echo("sec", name, 0);
+        spec.ports = vec![SimPort {
+            host_port: Some(25000),
+            ..SimPort::new(8081, Protocol::Udp)
+        }];
+        spec
+    };
+    c.add_pod(udp_pod("old")).unwrap();
+    // One client socket, one source port: the same conntrack tuple throughout.
+    let socket = c
+        .client
+        .enter(|| UdpSocket::bind("0.0.0.0:40000").unwrap())
+        .unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let target = SocketAddr::new(IpAddr::V4(c.nodes[0].ip4), 25000);
+    let ask = |socket: &UdpSocket| -> Option<String> {
+        let mut buf = [0u8; 64];
+        for _ in 0..3 {
+            socket.send_to(b"?", target).ok()?;
+            if let Ok(n) = socket.recv(&mut buf) {
+                return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        None
+    };
+    assert_eq!(ask(&socket).as_deref(), Some("old"));
+    c.delete_pod("old").unwrap();
+    // Sent while no pod has the port: conntrack remembers an untranslated flow.
+    assert_eq!(ask(&socket), None);
+    c.add_pod(udp_pod("new")).unwrap();
+    assert_eq!(
+        ask(&socket).as_deref(),
+        Some("new"),
+        "the flow kept going where it went before the new mapping"
+    );
+}
