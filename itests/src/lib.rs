@@ -41,6 +41,41 @@ pub fn root_or_skip(test: &str) -> bool {
     false
 }
 
+/// True when the root-only test `test` can run and every tool in `tools` is installed;
+/// otherwise says why it is skipped and returns false (under CI: panics).
+pub fn root_and_tools_or_skip(test: &str, tools: &[&str]) -> bool {
+    if !root_or_skip(test) {
+        return false;
+    }
+    for tool in tools {
+        if !have(tool) {
+            assert!(
+                !in_ci(),
+                "{test}: {tool} is not installed; `just test` installs it"
+            );
+            eprintln!("SKIPPED {test}: {tool} is not installed; `just test` installs it");
+            return false;
+        }
+    }
+    true
+}
+
+/// Panics listing every failed check, if any failed.
+pub fn assert_checks(what: &str, checks: &[randport_sim::checks::Check]) {
+    let failed: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.ok())
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{what}: {} of {} checks failed:\n{}",
+        failed.len(),
+        checks.len(),
+        failed.join("\n")
+    );
+}
+
 /// Whether `program` is on the PATH.
 pub fn have(program: &str) -> bool {
     Command::new("sh")

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use randport_core::Protocol;
 use randport_core::render::nft;
-use randport_itests::root_or_skip;
+use randport_itests::{assert_checks, root_or_skip};
 use randport_sim::checks::{self, Check};
 use randport_sim::cluster::{Cluster, ClusterSpec, Origin, PodSpec, SimPort};
 
@@ -20,21 +20,6 @@ fn cluster(firewall: &str, port_range: &str) -> Cluster {
         ..ClusterSpec::default()
     };
     Cluster::up(spec, &mut |_| {}).unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-fn assert_all(what: &str, checks: &[Check]) {
-    let failed: Vec<String> = checks
-        .iter()
-        .filter(|c| !c.ok())
-        .map(ToString::to_string)
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{what}: {} of {} checks failed:\n{}",
-        failed.len(),
-        checks.len(),
-        failed.join("\n")
-    );
 }
 
 fn tcp_pod(name: &str) -> PodSpec {
@@ -170,7 +155,7 @@ fn agent_killed_at_random_points_loses_and_leaks_nothing() {
                 c.delete_pod(&name)
                     .unwrap_or_else(|e| panic!("retried DEL of {name} (seed {seed}): {e:#}"));
             }
-            assert_all(
+            assert_checks(
                 &format!("after kill {kills}, cycle {cycle} (seed {seed})"),
                 &consistent(&c, true),
             );
@@ -179,7 +164,7 @@ fn agent_killed_at_random_points_loses_and_leaks_nothing() {
     assert!(kills >= 17, "only {kills} kills");
     eprintln!("{kills} kills, {interrupted} ADDs or DELs interrupted");
     assert!(interrupted > 0, "no kill landed during a request");
-    assert_all(&format!("at the end (seed {seed})"), &consistent(&c, true));
+    assert_checks(&format!("at the end (seed {seed})"), &consistent(&c, true));
 }
 
 fn repaired_within_2s(c: &Cluster, what: &str, addr: SocketAddr, expected: &str) {
@@ -215,7 +200,7 @@ fn flushes_are_repaired(firewall: &str, breakers: &[&[&str]]) {
         repaired_within_2s(&c, &what, addr(&c, "a"), "a");
         repaired_within_2s(&c, &what, addr(&c, "b"), "b");
     }
-    assert_all("after the repairs", &consistent(&c, firewall == "nftables"));
+    assert_checks("after the repairs", &consistent(&c, firewall == "nftables"));
 }
 
 #[test]
@@ -264,11 +249,11 @@ fn exhaustion_fails_the_ninth_pod_cleanly_until_one_is_deleted() {
             && err.contains("8 of its 8 ports are mapped"),
         "{err}"
     );
-    assert_all("after the failed ADD", &consistent(&c, true));
+    assert_checks("after the failed ADD", &consistent(&c, true));
     c.delete_pod("e3").unwrap();
     let entries = c.add_pod(tcp_pod("e8")).unwrap();
     assert!((20000..=20007).contains(&entries[0].host_port));
-    assert_all("after the retry", &consistent(&c, true));
+    assert_checks("after the retry", &consistent(&c, true));
 }
 
 #[test]
@@ -297,5 +282,5 @@ fn ports_other_processes_hold_are_never_handed_out() {
     drop(held);
     let freed = c.add_pod(tcp_pod("h3")).unwrap()[0].host_port;
     assert!(freed == 20001 || freed == 20002, "{freed}");
-    assert_all("at the end", &consistent(&c, true));
+    assert_checks("at the end", &consistent(&c, true));
 }

@@ -4,25 +4,9 @@
 use randport_core::examples;
 use randport_core::render::{iptables, nft};
 use randport_core::{IpFamily, SandboxRecord};
-use randport_itests::{Netns, TestNetns, have, in_ci, root_or_skip, test_netns};
+use randport_itests::{Netns, TestNetns, root_and_tools_or_skip, test_netns};
 
 const TABLE: &str = nft::DEFAULT_TABLE;
-
-/// Root and the tool are needed; under CI both must be there.
-fn ready(test: &str, tool: &str) -> bool {
-    if !root_or_skip(test) {
-        return false;
-    }
-    if !have(tool) {
-        assert!(
-            !in_ci(),
-            "{test}: {tool} is not installed; `just test` installs it"
-        );
-        eprintln!("SKIPPED {test}: {tool} is not installed; `just test` installs it");
-        return false;
-    }
-    true
-}
 
 fn tagged_elements(ns: &Netns) -> usize {
     ns.sh("nft", &["list", "table", "inet", TABLE], "")
@@ -39,7 +23,7 @@ fn element_count(records: &[SandboxRecord]) -> usize {
 
 #[test]
 fn every_rendered_nft_ruleset_passes_nft_check() {
-    if !ready("every_rendered_nft_ruleset_passes_nft_check", "nft") {
+    if !root_and_tools_or_skip("every_rendered_nft_ruleset_passes_nft_check", &["nft"]) {
         return;
     }
     let ns = test_netns("nftc");
@@ -74,7 +58,10 @@ fn every_rendered_nft_ruleset_passes_nft_check() {
 
 #[test]
 fn nft_transactions_add_and_remove_exactly_one_sandbox() {
-    if !ready("nft_transactions_add_and_remove_exactly_one_sandbox", "nft") {
+    if !root_and_tools_or_skip(
+        "nft_transactions_add_and_remove_exactly_one_sandbox",
+        &["nft"],
+    ) {
         return;
     }
     let ns = test_netns("nfttx");
@@ -110,7 +97,10 @@ fn nft_transactions_add_and_remove_exactly_one_sandbox() {
 
 #[test]
 fn nft_removal_never_deletes_another_sandboxs_mapping() {
-    if !ready("nft_removal_never_deletes_another_sandboxs_mapping", "nft") {
+    if !root_and_tools_or_skip(
+        "nft_removal_never_deletes_another_sandboxs_mapping",
+        &["nft"],
+    ) {
         return;
     }
     let ns = test_netns("nftown");
@@ -158,9 +148,9 @@ fn our_rules(ns: &Netns, family: IpFamily) -> Vec<String> {
 
 #[test]
 fn iptables_payloads_load_and_change_only_our_chains() {
-    if !ready(
+    if !root_and_tools_or_skip(
         "iptables_payloads_load_and_change_only_our_chains",
-        "iptables-restore",
+        &["iptables-restore"],
     ) {
         return;
     }

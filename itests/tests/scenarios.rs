@@ -7,8 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 
 use randport_core::Protocol;
-use randport_itests::root_or_skip;
-use randport_sim::checks::{self, Check};
+use randport_itests::{assert_checks, root_or_skip};
+use randport_sim::checks;
 use randport_sim::cluster::{Cluster, ClusterSpec, Origin, PodSpec, SimPort};
 
 fn cluster(nodes: usize, ipv6: bool, firewall: &str) -> Cluster {
@@ -21,24 +21,12 @@ fn cluster(nodes: usize, ipv6: bool, firewall: &str) -> Cluster {
     Cluster::up(spec, &mut |_| {}).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-fn assert_all(checks: &[Check]) {
-    let failed: Vec<String> = checks
-        .iter()
-        .filter(|c| !c.ok())
-        .map(ToString::to_string)
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} checks failed:\n{}",
-        failed.len(),
-        checks.len(),
-        failed.join("\n")
-    );
-}
-
 fn reach_all(cluster: &Cluster) -> usize {
     let rows = checks::reach_every_mapping(cluster);
-    assert_all(&rows.iter().map(|r| r.check.clone()).collect::<Vec<_>>());
+    assert_checks(
+        "checks",
+        &rows.iter().map(|r| r.check.clone()).collect::<Vec<_>>(),
+    );
     rows.len()
 }
 
@@ -57,7 +45,7 @@ fn many_pods(firewall: &str) {
         checks::hairpin(&c, "p1-1", Protocol::Tcp),
     ];
     more.extend(checks::annotations_match_agents(&c));
-    assert_all(&more);
+    assert_checks("checks", &more);
     // Host ports are unique per node and protocol.
     for node in 0..3 {
         let records = c.agent_records(node).unwrap();
@@ -74,9 +62,12 @@ fn many_pods(firewall: &str) {
         let name = format!("p1-{j}");
         let entries = c.mappings(&name).unwrap();
         c.delete_pod(&name).unwrap();
-        assert_all(&checks::deleted_pod_is_gone(&c, &name, 1, &entries));
+        assert_checks(
+            "checks",
+            &checks::deleted_pod_is_gone(&c, &name, 1, &entries),
+        );
     }
-    assert_all(&checks::annotations_match_agents(&c));
+    assert_checks("checks", &checks::annotations_match_agents(&c));
 }
 
 #[test]
@@ -234,7 +225,7 @@ fn agent_restarted_mid_run_keeps_mappings_and_connections() {
     );
     c.add_pod(PodSpec::echo("rs", "after", 0)).unwrap();
     assert_eq!(reach_all(&c), 5 * 2);
-    assert_all(&checks::annotations_match_agents(&c));
+    assert_checks("checks", &checks::annotations_match_agents(&c));
 }
 
 #[test]

@@ -48,12 +48,11 @@ fn only_traffic_addressed_to_the_node_is_translated() {
         ])
         .unwrap();
     let elsewhere = SocketAddr::new("198.18.32.200".parse().unwrap(), port);
-    match c.tcp(Origin::Client, elsewhere) {
-        Ok(who) => assert_ne!(
+    if let Ok(who) = c.tcp(Origin::Client, elsewhere) {
+        assert_ne!(
             who, "a",
             "traffic routed through node 0 was sent to its pod"
-        ),
-        Err(_) => {}
+        );
     }
 }
 

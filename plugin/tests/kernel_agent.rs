@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use randport_core::annotation::{AnnotationValue, decode};
 use randport_core::{PodRef, Protocol};
-use randport_itests::{Netns, TestNetns, have, in_ci, root_or_skip, test_netns};
+use randport_itests::{Netns, TestNetns, root_and_tools_or_skip, test_netns};
 use serde_json::{Value, json};
 
 const NODE_IP: &str = "192.0.2.1";
@@ -310,25 +310,12 @@ fn udp_hello(client: &Netns, port: u16) -> Result<String, String> {
 }
 
 fn ready(test: &str, backend: &str) -> bool {
-    if !root_or_skip(test) {
-        return false;
-    }
     let tool = if backend == "nftables" {
         "nft"
     } else {
         "iptables-restore"
     };
-    for tool in [tool, "conntrack"] {
-        if !have(tool) {
-            assert!(
-                !in_ci(),
-                "{test}: {tool} is not installed; `just test` installs it"
-            );
-            eprintln!("SKIPPED {test}: {tool} is not installed; `just test` installs it");
-            return false;
-        }
-    }
-    true
+    root_and_tools_or_skip(test, &[tool, "conntrack"])
 }
 
 fn traffic_reaches_the_right_pod_and_stops_after_del(backend: &'static str) {

@@ -4,7 +4,7 @@
 use std::net::UdpSocket;
 
 use randport_core::{PortKey, Protocol};
-use randport_itests::{TestNetns, have, in_ci, root_or_skip, test_netns};
+use randport_itests::{TestNetns, root_and_tools_or_skip, test_netns};
 use randport_plugin::conntrack::{Conntrack, ConntrackTool, NetlinkConntrack};
 
 /// Conntrack entries listed by the tool for UDP flows to `port` (and `dst`).
@@ -81,33 +81,22 @@ fn flush_removes_only_the_matching_entries(conntrack: impl Conntrack + Copy + 's
         .unwrap();
 }
 
-fn ready(test: &str) -> bool {
-    if !root_or_skip(test) {
-        return false;
-    }
-    for tool in ["conntrack", "nft"] {
-        if !have(tool) {
-            assert!(
-                !in_ci(),
-                "{test}: {tool} is not installed; `just test` installs it"
-            );
-            eprintln!("SKIPPED {test}: {tool} is not installed");
-            return false;
-        }
-    }
-    true
-}
-
 #[test]
 fn netlink_flush_removes_only_the_matching_entries() {
-    if ready("netlink_flush_removes_only_the_matching_entries") {
+    if root_and_tools_or_skip(
+        "netlink_flush_removes_only_the_matching_entries",
+        &["conntrack", "nft"],
+    ) {
         flush_removes_only_the_matching_entries(NetlinkConntrack);
     }
 }
 
 #[test]
 fn tool_flush_removes_only_the_matching_entries() {
-    if ready("tool_flush_removes_only_the_matching_entries") {
+    if root_and_tools_or_skip(
+        "tool_flush_removes_only_the_matching_entries",
+        &["conntrack", "nft"],
+    ) {
         flush_removes_only_the_matching_entries(ConntrackTool);
     }
 }

@@ -2,7 +2,7 @@
 //! rebuild, verify, the watchdog's intact check, add, remove, teardown.
 
 use randport_core::examples;
-use randport_itests::{TestNetns, have, in_ci, root_or_skip, test_netns};
+use randport_itests::{TestNetns, root_and_tools_or_skip, test_netns};
 use randport_plugin::firewall::{Firewall, IptablesFirewall, NftFirewall};
 
 fn check_backend(
@@ -65,27 +65,12 @@ fn check_backend(
     assert!(!ns.inside(move || firewall.intact(&records)).unwrap());
 }
 
-fn ready(test: &str, tool: &str) -> bool {
-    if !root_or_skip(test) {
-        return false;
-    }
-    if !have(tool) {
-        assert!(
-            !in_ci(),
-            "{test}: {tool} is not installed; `just test` installs it"
-        );
-        eprintln!("SKIPPED {test}: {tool} is not installed");
-        return false;
-    }
-    true
-}
-
 static NFT: std::sync::LazyLock<NftFirewall> =
     std::sync::LazyLock::new(|| NftFirewall::new("randport"));
 
 #[test]
 fn nftables_backend_on_the_kernel() {
-    if ready("nftables_backend_on_the_kernel", "nft") {
+    if root_and_tools_or_skip("nftables_backend_on_the_kernel", &["nft"]) {
         check_backend(
             &*NFT,
             &["nft", "flush", "table", "inet", "randport"],
@@ -104,7 +89,7 @@ fn nftables_backend_on_the_kernel() {
 
 #[test]
 fn iptables_backend_on_the_kernel() {
-    if ready("iptables_backend_on_the_kernel", "iptables-restore") {
+    if root_and_tools_or_skip("iptables_backend_on_the_kernel", &["iptables-restore"]) {
         check_backend(
             &IptablesFirewall,
             &["iptables", "-t", "nat", "-F", "RANDPORT-HOSTPORTS"],

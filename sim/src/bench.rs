@@ -433,6 +433,83 @@ fn route_client_to_pods(c: &Cluster) -> Result<()> {
     ])
 }
 
+/// Fills node 0 size by size (the sizes of `spec` up to `max`, the real target pod counting
+/// as the first mapping) and measures at each: ADD/DEL latency, the agent's memory (with
+/// `memory_of` naming the backend), connections through `target` vs `direct`. Returns
+/// the number of mappings reached.
+#[allow(clippy::too_many_arguments)]
+fn sweep(
+    c: &Cluster,
+    plugin: &dyn Plugin,
+    spec: &BenchSpec,
+    samples_at: usize,
+    max: usize,
+    (target, direct): (SocketAddr, SocketAddr),
+    memory_of: Option<&str>,
+    report: &mut Report,
+    progress: &mut dyn FnMut(&str),
+) -> Result<usize> {
+    let mut sizes: Vec<usize> = spec
+        .sizes
+        .iter()
+        .chain(&spec.conn_sizes)
+        .copied()
+        .filter(|s| *s >= 1 && *s <= max)
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let (mut have, mut next_light) = (1usize, 0usize);
+    for size in sizes {
+        if size > have {
+            progress(&format!(
+                "{}: filling the node to {size} mappings",
+                plugin.name()
+            ));
+            next_light = fill(c, plugin, next_light, next_light + (size - have), progress)?;
+            have = size;
+        }
+        if spec.sizes.contains(&size) {
+            progress(&format!(
+                "{}: {} ADD+DEL pairs at {have} mappings",
+                plugin.name(),
+                spec.samples
+            ));
+            let (adds, dels) = measure_add_del(c, plugin, samples_at, spec.samples)?;
+            report.latency.push(LatencyRow {
+                plugin: plugin.name(),
+                existing: have,
+                add: percentiles(&adds),
+                del: percentiles(&dels),
+            });
+            if let Some(backend) = memory_of {
+                report.memory.push((
+                    backend.into(),
+                    have,
+                    rss_mib(c.nodes[0].agent_pid().context("agent pid")?)?,
+                ));
+            }
+        }
+        if spec.conn_sizes.contains(&size) {
+            progress(&format!(
+                "{}: connections at {have} mappings",
+                plugin.name()
+            ));
+            let (mapped_rate, mapped) = connection_load(&c.client, target, spec.conn_seconds)?;
+            let (direct_rate, direct_times) =
+                connection_load(&c.client, direct, spec.conn_seconds)?;
+            report.connections.push(ConnRow {
+                plugin: plugin.name(),
+                mappings: have,
+                mapped_rate,
+                direct_rate,
+                mapped_connect: percentiles(&mapped),
+                direct_connect: percentiles(&direct_times),
+            });
+        }
+    }
+    Ok(have)
+}
+
 fn randport_backend(
     spec: &BenchSpec,
     backend: &str,
@@ -522,69 +599,18 @@ fn randport_backend(
     let target = mapped_addr(&c, "target")?;
     let direct = SocketAddr::new(c.pod("target")?.ips[0], 8080);
 
-    let mut have = 1; // the real pod's mapping
-    let mut sizes: Vec<usize> = spec
-        .sizes
-        .iter()
-        .chain(&spec.conn_sizes)
-        .copied()
-        .filter(|s| *s >= 1)
-        .collect();
-    sizes.sort_unstable();
-    sizes.dedup();
-    let mut next_light = 0usize;
-    for size in sizes {
-        if size > have {
-            progress(&format!(
-                "{}: filling the node to {size} mappings",
-                plugin.name()
-            ));
-            next_light = fill(
-                &c,
-                &plugin,
-                next_light,
-                next_light + (size - have),
-                progress,
-            )?;
-            have = size;
-        }
-        if spec.sizes.contains(&size) {
-            progress(&format!(
-                "{}: {} ADD+DEL pairs at {have} mappings",
-                plugin.name(),
-                spec.samples
-            ));
-            let (adds, dels) = measure_add_del(&c, &plugin, idx.samples, spec.samples)?;
-            report.latency.push(LatencyRow {
-                plugin: plugin.name(),
-                existing: have,
-                add: percentiles(&adds),
-                del: percentiles(&dels),
-            });
-            report.memory.push((
-                backend.into(),
-                have,
-                rss_mib(c.nodes[0].agent_pid().context("agent pid")?)?,
-            ));
-        }
-        if spec.conn_sizes.contains(&size) {
-            progress(&format!(
-                "{}: connections at {have} mappings",
-                plugin.name()
-            ));
-            let (mapped_rate, mapped) = connection_load(&c.client, target, spec.conn_seconds)?;
-            let (direct_rate, direct_times) =
-                connection_load(&c.client, direct, spec.conn_seconds)?;
-            report.connections.push(ConnRow {
-                plugin: plugin.name(),
-                mappings: have,
-                mapped_rate,
-                direct_rate,
-                mapped_connect: percentiles(&mapped),
-                direct_connect: percentiles(&direct_times),
-            });
-        }
-    }
+    let memory_of = Some(backend);
+    let have = sweep(
+        &c,
+        &plugin,
+        spec,
+        idx.samples,
+        usize::MAX,
+        (target, direct),
+        memory_of,
+        report,
+        progress,
+    )?;
     progress(&format!(
         "{}: agent restart at {have} mappings",
         plugin.name()
@@ -640,64 +666,17 @@ fn portmap(spec: &BenchSpec, report: &mut Report, progress: &mut dyn FnMut(&str)
     let target = SocketAddr::new(IpAddr::V4(c.nodes[0].ip4), 29999);
     let direct = SocketAddr::new(pod_ip, 8080);
 
-    let mut have = 1;
-    let mut next_light = 0usize;
-    let mut sizes: Vec<usize> = spec
-        .sizes
-        .iter()
-        .chain(&spec.conn_sizes)
-        .copied()
-        .filter(|s| *s >= 1 && *s <= spec.portmap_max)
-        .collect();
-    sizes.sort_unstable();
-    sizes.dedup();
-    for size in sizes {
-        if size > have {
-            progress(&format!(
-                "{}: filling the node to {size} mappings",
-                plugin.name()
-            ));
-            next_light = fill(
-                &c,
-                &plugin,
-                next_light,
-                next_light + (size - have),
-                progress,
-            )?;
-            have = size;
-        }
-        if spec.sizes.contains(&size) {
-            progress(&format!(
-                "{}: {} ADD+DEL pairs at {have} mappings",
-                plugin.name(),
-                spec.samples
-            ));
-            let (adds, dels) = measure_add_del(&c, &plugin, samples_at, spec.samples)?;
-            report.latency.push(LatencyRow {
-                plugin: plugin.name(),
-                existing: have,
-                add: percentiles(&adds),
-                del: percentiles(&dels),
-            });
-        }
-        if spec.conn_sizes.contains(&size) {
-            progress(&format!(
-                "{}: connections at {have} mappings",
-                plugin.name()
-            ));
-            let (mapped_rate, mapped) = connection_load(&c.client, target, spec.conn_seconds)?;
-            let (direct_rate, direct_times) =
-                connection_load(&c.client, direct, spec.conn_seconds)?;
-            report.connections.push(ConnRow {
-                plugin: plugin.name(),
-                mappings: have,
-                mapped_rate,
-                direct_rate,
-                mapped_connect: percentiles(&mapped),
-                direct_connect: percentiles(&direct_times),
-            });
-        }
-    }
+    sweep(
+        &c,
+        &plugin,
+        spec,
+        samples_at,
+        spec.portmap_max,
+        (target, direct),
+        None,
+        report,
+        progress,
+    )?;
     Ok(())
 }
 
