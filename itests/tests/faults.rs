@@ -30,8 +30,16 @@ fn tcp_pod(name: &str) -> PodSpec {
 
 /// Rules, holds, records, state files, annotations and traffic agree on node 0.
 fn consistent(c: &Cluster, nftables: bool) -> Vec<Check> {
+    let mut out = on_node(c, 0, nftables);
+    out.extend(checks::annotations_match_agents(c));
+    out.extend(checks::reach_every_mapping(c).into_iter().map(|r| r.check));
+    out
+}
+
+/// Rules, holds, records and state files agree on node `node`.
+fn on_node(c: &Cluster, node: usize, nftables: bool) -> Vec<Check> {
     let mut out = Vec::new();
-    let records = match c.agent_records(0) {
+    let records = match c.agent_records(node) {
         Ok(records) => records,
         Err(e) => {
             return vec![Check {
@@ -40,7 +48,12 @@ fn consistent(c: &Cluster, nftables: bool) -> Vec<Check> {
             }];
         }
     };
-    let live: HashSet<String> = c.pods.iter().map(|p| p.sandbox.0.clone()).collect();
+    let live: HashSet<String> = c
+        .pods
+        .iter()
+        .filter(|p| p.spec.node == node)
+        .map(|p| p.sandbox.0.clone())
+        .collect();
     let recorded: HashSet<String> = records.iter().map(|r| r.sandbox.0.clone()).collect();
     out.push(Check {
         name: "the agent's records are exactly the live pods' sandboxes".into(),
@@ -50,7 +63,7 @@ fn consistent(c: &Cluster, nftables: bool) -> Vec<Check> {
             Err(format!("live {live:?}, recorded {recorded:?}"))
         },
     });
-    let files = std::fs::read_dir(c.nodes[0].dir.join("state"))
+    let files = std::fs::read_dir(c.nodes[node].dir.join("state"))
         .map(|d| {
             d.flatten()
                 .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
@@ -69,11 +82,14 @@ fn consistent(c: &Cluster, nftables: bool) -> Vec<Check> {
     for m in records.iter().flat_map(|r| &r.mappings) {
         let unique = seen.insert((m.protocol, m.host_port));
         let held = c
-            .port_free_on_node(0, m.protocol, m.host_port)
+            .port_free_on_node(node, m.protocol, m.host_port)
             .map(|free| !free)
             .unwrap_or(false);
         out.push(Check {
-            name: format!("host port {}/{} is held, once", m.host_port, m.protocol),
+            name: format!(
+                "host port {}/{} is held on node {node}, once",
+                m.host_port, m.protocol
+            ),
             result: if unique && held {
                 Ok(())
             } else {
@@ -82,7 +98,7 @@ fn consistent(c: &Cluster, nftables: bool) -> Vec<Check> {
         });
     }
     if nftables {
-        let listing = c.nodes[0]
+        let listing = c.nodes[node]
             .ns
             .run_ok("nft", &["list", "table", "inet", "randport"], "")
             .unwrap_or_default();
@@ -97,8 +113,6 @@ fn consistent(c: &Cluster, nftables: bool) -> Vec<Check> {
             },
         });
     }
-    out.extend(checks::annotations_match_agents(c));
-    out.extend(checks::reach_every_mapping(c).into_iter().map(|r| r.check));
     out
 }
 
@@ -283,4 +297,90 @@ fn ports_other_processes_hold_are_never_handed_out() {
     let freed = c.add_pod(tcp_pod("h3")).unwrap()[0].host_port;
     assert!(freed == 20001 || freed == 20002, "{freed}");
     assert_checks("at the end", &consistent(&c, true));
+}
+
+#[test]
+fn two_hundred_pods_added_and_deleted_at_once_three_times() {
+    if !root_or_skip("two_hundred_pods_added_and_deleted_at_once_three_times") {
+        return;
+    }
+    let spec = ClusterSpec {
+        nodes: 2,
+        ..ClusterSpec::default()
+    };
+    let mut c = Cluster::up(spec, &mut |_| {}).unwrap_or_else(|e| panic!("{e:#}"));
+    for round in 0..3 {
+        let specs: Vec<PodSpec> = (0..200)
+            .map(|i| PodSpec::echo("crowd", &format!("r{round}-{i}"), i % 2))
+            .collect();
+        let results = c.add_pods_concurrently(specs);
+        let failed: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| format!("{e:#}")))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "round {round}: {} ADDs failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(3)]
+        );
+        // Every mapping reachable, with the right pod behind it.
+        let rows = checks::reach_every_mapping(&c);
+        assert_eq!(rows.len(), 400);
+        assert_checks(
+            &format!("round {round}: reachable"),
+            &rows.into_iter().map(|r| r.check).collect::<Vec<_>>(),
+        );
+        let mut all = checks::annotations_match_agents(&c);
+        all.extend(on_node(&c, 0, true));
+        all.extend(on_node(&c, 1, true));
+        assert_checks(&format!("round {round}: consistent"), &all);
+
+        let entries: Vec<(usize, Vec<randport_core::annotation::PortEntry>)> = c
+            .pods
+            .iter()
+            .map(|p| (p.spec.node, c.mappings(&p.spec.name).unwrap()))
+            .collect();
+        let names: Vec<String> = c.pods.iter().map(|p| p.spec.name.clone()).collect();
+        let results = c.delete_pods_concurrently(&names);
+        assert!(
+            results.iter().all(Result::is_ok),
+            "round {round}: a DEL failed"
+        );
+        assert!(c.pods.is_empty());
+        // Nothing answers, nothing is held, nothing is left.
+        for (node, entries) in &entries {
+            for e in entries {
+                let addr = SocketAddr::new(IpAddr::V4(c.nodes[*node].ip4), e.host_port);
+                if e.protocol == Protocol::Tcp {
+                    assert!(
+                        c.tcp(Origin::Client, addr).is_err(),
+                        "round {round}: {addr} still answers"
+                    );
+                }
+                assert!(
+                    c.port_free_on_node(*node, e.protocol, e.host_port).unwrap(),
+                    "round {round}: {addr}/{} still held",
+                    e.protocol
+                );
+            }
+        }
+        for (node, entries) in entries.iter().take(3) {
+            let udp = entries
+                .iter()
+                .find(|e| e.protocol == Protocol::Udp)
+                .unwrap();
+            let addr = SocketAddr::new(IpAddr::V4(c.nodes[*node].ip4), udp.host_port);
+            assert!(
+                c.udp(Origin::Client, addr).is_err(),
+                "round {round}: {addr}/UDP still answers"
+            );
+        }
+        let mut left = on_node(&c, 0, true);
+        left.extend(on_node(&c, 1, true));
+        assert_checks(&format!("round {round}: nothing left"), &left);
+        for node in 0..2 {
+            assert!(c.agent_records(node).unwrap().is_empty());
+        }
+    }
 }

@@ -491,6 +491,60 @@ impl Cluster {
         spec: PodSpec,
         before_add: &mut dyn FnMut(),
     ) -> Result<Vec<PortEntry>> {
+        let mut pod = self.wire_pod(spec)?;
+        before_add();
+        pod.add_time = self.run_add(&pod)?;
+        let (annotated, name) = (pod.spec.annotate, pod.spec.name.clone());
+        self.pods.push(pod);
+        if !annotated {
+            // Nothing is written back for a pod without the annotation.
+            return Ok(Vec::new());
+        }
+        self.mappings(&name)
+    }
+
+    /// Adds pods the way a busy runtime does: each is wired in turn, then every plugin
+    /// ADD runs at once. Returns each pod's result, in order; failed pods are gone.
+    pub fn add_pods_concurrently(&mut self, specs: Vec<PodSpec>) -> Vec<Result<()>> {
+        let mut wired = Vec::new();
+        let mut results: Vec<Option<Result<()>>> = Vec::new();
+        for spec in specs {
+            match self.wire_pod(spec) {
+                Ok(pod) => {
+                    wired.push((results.len(), pod));
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let this = &*self;
+        let outcomes: Vec<(usize, SimPod, Result<Duration>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = wired
+                .into_iter()
+                .map(|(i, pod)| {
+                    scope.spawn(move || {
+                        let r = this.run_add(&pod);
+                        (i, pod, r)
+                    })
+                })
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        });
+        for (i, mut pod, outcome) in outcomes {
+            results[i] = Some(outcome.map(|t| {
+                pod.add_time = t;
+                self.pods.push(pod);
+            }));
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(anyhow!("ADD thread panicked"))))
+            .collect()
+    }
+
+    /// The main plugin's part: namespace, veth, addresses, routes; then the workload and
+    /// the Pod object.
+    fn wire_pod(&mut self, spec: PodSpec) -> Result<SimPod> {
         if spec.node >= self.nodes.len() {
             bail!("pod {}: no node {}", spec.name, spec.node);
         }
@@ -554,46 +608,40 @@ impl Cluster {
         self.write_pod_object(&spec)?;
 
         let sandbox = SandboxId(format!("{}{}{j:04}", self.run_id, node.index));
-        before_add();
-        let started = Instant::now();
-        let (ok, stdout) = self.cni(&spec, &sandbox, "ADD", &ips)?;
-        let add_time = started.elapsed();
-        let pod = SimPod {
+        Ok(SimPod {
             spec,
             ns,
             ips,
             sandbox,
-            add_time,
+            add_time: Duration::ZERO,
             _workload: workload,
-        };
+        })
+    }
+
+    /// The plugin's ADD for a wired pod, as a runtime runs it; on failure the runtime's
+    /// cleanup (DEL, best effort) and the pod object goes.
+    fn run_add(&self, pod: &SimPod) -> Result<Duration> {
+        let started = Instant::now();
+        let (ok, stdout) = self.cni(&pod.spec, &pod.sandbox, "ADD", &pod.ips)?;
+        let add_time = started.elapsed();
         if !ok {
             let message = serde_json::from_str::<Value>(&stdout)
                 .ok()
                 .and_then(|v| v["details"].as_str().map(str::to_owned))
                 .unwrap_or(stdout);
-            // As a runtime does after a failed sandbox: DEL it (best effort), and the
-            // pod goes away.
             let _ = self.cni(&pod.spec, &pod.sandbox, "DEL", &pod.ips);
             let _ = std::fs::remove_file(self.pod_file(&pod.spec));
-            let name = pod.spec.pod_ref();
-            drop(pod);
-            bail!("ADD of pod {name} failed: {message}");
+            bail!("ADD of pod {} failed: {message}", pod.spec.pod_ref());
         }
         let printed: Value = serde_json::from_str(&stdout).context("ADD printed no JSON")?;
-        if printed["ips"][0]["address"] != json!(format!("{v4}/32")) {
+        let primary = pod.ips.first().map(|ip| format!("{ip}/32"));
+        if printed["ips"][0]["address"].as_str() != primary.as_deref() {
             bail!(
                 "ADD of pod {} did not print prevResult unchanged: {stdout}",
                 pod.spec.pod_ref()
             );
         }
-        let annotated = pod.spec.annotate;
-        let name = pod.spec.name.clone();
-        self.pods.push(pod);
-        if !annotated {
-            // Nothing is written back for a pod without the annotation.
-            return Ok(Vec::new());
-        }
-        self.mappings(&name)
+        Ok(add_time)
     }
 
     fn write_pod_object(&self, spec: &PodSpec) -> Result<()> {
@@ -699,6 +747,43 @@ impl Cluster {
         let pod = self.pods.remove(index);
         let _ = std::fs::remove_file(self.pod_file(&pod.spec));
         Ok(())
+    }
+
+    /// Deletes pods at once (every plugin DEL concurrently); returns each result, in
+    /// order. Pods whose DEL failed stay, so that it can be retried.
+    pub fn delete_pods_concurrently(&mut self, names: &[String]) -> Vec<Result<()>> {
+        let this = &*self;
+        let results: Vec<Result<()>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = names
+                .iter()
+                .map(|name| {
+                    scope.spawn(move || -> Result<()> {
+                        let pod = this.pod(name)?;
+                        let (ok, stdout) = this.cni(&pod.spec, &pod.sandbox, "DEL", &pod.ips)?;
+                        if !ok {
+                            bail!("DEL of pod {} failed: {stdout}", pod.spec.pod_ref());
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow!("DEL thread panicked")))
+                })
+                .collect()
+        });
+        for (name, result) in names.iter().zip(&results) {
+            if result.is_ok() {
+                if let Some(index) = self.pods.iter().position(|p| &p.spec.name == name) {
+                    let pod = self.pods.remove(index);
+                    let _ = std::fs::remove_file(self.pod_file(&pod.spec));
+                }
+            }
+        }
+        results
     }
 
     /// The mappings written into a pod's annotation (or an error if none were).
