@@ -23,3 +23,7 @@ fmt:
 # Clippy with warnings denied.
 lint:
     ci/lint.sh
+
+# Fuzz the annotation decoder, the CNI config parser and the agent's request decoder (bounded).
+fuzz:
+    ci/fuzz.sh

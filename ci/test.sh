@@ -25,6 +25,9 @@ cargo build --workspace --bins --locked
 step "benchmarks compile (cargo bench --no-run; they run in just bench)"
 cargo bench --workspace --no-run --locked
 
+step "fuzz smoke run (5 s per target; just fuzz runs longer)"
+FUZZ_SECONDS=5 ci/fuzz.sh
+
 step "tests (cargo nextest)"
 cargo nextest run --workspace --locked --no-fail-fast
 
