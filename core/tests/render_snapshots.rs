@@ -147,3 +147,9 @@ fn counts_match_the_rendered_lines() {
         }
     }
 }
+
+#[test]
+fn localhost_access_ruleset() {
+    let options = nft::NftOptions { localhost: true };
+    insta::assert_snapshot!(nft::ruleset_with(TABLE, &[examples::one_tcp()], options));
+}

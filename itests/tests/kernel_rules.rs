@@ -37,6 +37,11 @@ fn every_rendered_nft_ruleset_passes_nft_check() {
             .iter()
             .map(|r| nft::ruleset(TABLE, std::slice::from_ref(r))),
     );
+    rulesets.push(nft::ruleset_with(
+        TABLE,
+        &examples::all(),
+        nft::NftOptions { localhost: true },
+    ));
     for ruleset in &rulesets {
         ns.sh("nft", &["-c", "-f", "-"], ruleset);
     }

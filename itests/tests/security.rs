@@ -148,3 +148,93 @@ fn a_udp_flow_follows_its_host_port_to_the_new_pod() {
         "the flow kept going where it went before the new mapping"
     );
 }
+
+#[test]
+fn localhost_access_serves_the_node_and_no_other_host() {
+    if !root_or_skip("localhost_access_serves_the_node_and_no_other_host") {
+        return;
+    }
+    let spec = ClusterSpec {
+        nodes: 1,
+        localhost_access: true,
+        ..ClusterSpec::default()
+    };
+    let mut c = Cluster::up(spec, &mut |_| {}).unwrap_or_else(|e| panic!("{e:#}"));
+    let port = c.add_pod(tcp_pod("a")).unwrap()[0].host_port;
+    let loopback = SocketAddr::new("127.0.0.1".parse().unwrap(), port);
+    assert_eq!(
+        c.tcp(Origin::Node(0), loopback).unwrap(),
+        "a",
+        "127.0.0.1 from the node itself"
+    );
+    // Another host sends to 127.0.0.1 through the node (the CVE-2020-8558 path): the
+    // client routes loopback addresses to node 0 and may send them out of eth0.
+    c.client
+        .run_ok("sysctl", &["-qw", "net.ipv4.conf.all.route_localnet=1"], "")
+        .unwrap();
+    c.client
+        .run_ok(
+            "sysctl",
+            &["-qw", "net.ipv4.conf.eth0.route_localnet=1"],
+            "",
+        )
+        .unwrap();
+    c.client
+        .ip(&["route", "del", "127.0.0.0/8", "dev", "lo", "table", "local"])
+        .unwrap();
+    c.client
+        .ip(&[
+            "route",
+            "add",
+            "127.0.0.0/8",
+            "via",
+            &c.nodes[0].ip4.to_string(),
+            "dev",
+            "eth0",
+        ])
+        .unwrap();
+    let guard = c.nodes[0]
+        .ns
+        .run_ok(
+            "nft",
+            &["list", "chain", "inet", "randport", "localhost_guard"],
+            "",
+        )
+        .unwrap();
+    let before = counter(&guard);
+    // 127.0.0.2: the client keeps a local route for 127.0.0.1 itself.
+    let elsewhere = SocketAddr::new("127.0.0.2".parse().unwrap(), port);
+    assert!(
+        c.tcp(Origin::Client, elsewhere).is_err(),
+        "another host reached a pod through 127.0.0.2"
+    );
+    let guard = c.nodes[0]
+        .ns
+        .run_ok(
+            "nft",
+            &["list", "chain", "inet", "randport", "localhost_guard"],
+            "",
+        )
+        .unwrap();
+    assert!(
+        counter(&guard) > before,
+        "the guard dropped nothing:\n{guard}"
+    );
+    // The node address still works for the client.
+    let on_node = SocketAddr::new(IpAddr::V4(c.nodes[0].ip4), port);
+    assert_eq!(c.tcp(Origin::Client, on_node).unwrap(), "a");
+    // The watchdog (every 500 ms here) recognises the table with the localhost chains.
+    std::thread::sleep(Duration::from_millis(1200));
+    let log = std::fs::read_to_string(c.nodes[0].log()).unwrap();
+    assert!(!log.contains("re-applied"), "spurious repair:\n{log}");
+}
+
+/// The packets a listing's `counter packets N` shows (0 without a counter).
+fn counter(listing: &str) -> u64 {
+    listing
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}

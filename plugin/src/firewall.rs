@@ -61,11 +61,21 @@ pub trait Firewall: Send + Sync {
 }
 
 /// Creates the backend.
-pub fn backend(kind: Backend) -> Box<dyn Firewall> {
+pub fn backend(kind: Backend, localhost: bool) -> Box<dyn Firewall> {
     match kind {
-        Backend::Nftables => Box::new(NftFirewall::new(nft::DEFAULT_TABLE)),
+        Backend::Nftables => Box::new(NftFirewall::with_options(
+            nft::DEFAULT_TABLE,
+            nft::NftOptions { localhost },
+        )),
         Backend::Iptables => Box::new(IptablesFirewall),
     }
+}
+
+/// Lets the kernel route packets for 127.0.0.0/8 out of other interfaces
+/// (`net.ipv4.conf.all.route_localnet=1`), which localhost access needs. Only together
+/// with the nft table's guard, which drops such packets arriving from other hosts.
+pub fn enable_route_localnet(sysctl_dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::write(sysctl_dir.join("conf/all/route_localnet"), "1")
 }
 
 /// Runs `program args` with `input` on stdin; the stdout, or the stderr as the error.
@@ -96,13 +106,20 @@ fn run(program: &str, args: &[&str], input: &str) -> Result<String, String> {
 #[derive(Debug, Clone)]
 pub struct NftFirewall {
     table: String,
+    options: nft::NftOptions,
 }
 
 impl NftFirewall {
     /// The backend for table `table`.
     pub fn new(table: &str) -> Self {
+        NftFirewall::with_options(table, nft::NftOptions::default())
+    }
+
+    /// The backend for table `table`, with `options` (localhost access).
+    pub fn with_options(table: &str, options: nft::NftOptions) -> Self {
         NftFirewall {
             table: table.to_owned(),
+            options,
         }
     }
 
@@ -144,7 +161,7 @@ impl Firewall for NftFirewall {
                 self.table,
                 records.len()
             ),
-            &nft::ruleset(&self.table, records),
+            &nft::ruleset_with(&self.table, records, self.options),
         )
     }
 
@@ -200,10 +217,14 @@ impl Firewall for NftFirewall {
                 return Err(self.err(format!("listing table inet {}", self.table), reason));
             }
         };
-        let expected = nft::ruleset(&self.table, &[]);
+        let expected = nft::ruleset_with(&self.table, &[], self.options);
         let rules = expected.lines().map(str::trim).filter(|l| {
             l.contains("goto hostports") || l.contains(" map @") || l.contains("masquerade")
         });
+        // The guard's rule carries a counter, which a listing prints with its values.
+        if self.options.localhost && !text.contains("chain localhost_guard") {
+            return Ok(false);
+        }
         let sets = [
             "map hostipports4",
             "map hostipports6",

@@ -74,6 +74,19 @@ fn bad_flags_get_clear_errors() {
         text.contains("--pods \"files\": use kube or dir:PATH"),
         "{text}"
     );
+    let (ok, text) = randportd(&[
+        "--localhost-access",
+        "--firewall",
+        "iptables",
+        "--pods",
+        "dir:/nonexistent",
+        "--node-name",
+        "n",
+    ]);
+    assert!(
+        !ok && text.contains("--localhost-access needs --firewall nftables"),
+        "{text}"
+    );
     let (ok, text) = randportd(&["--firewall", "ipfw"]);
     assert!(
         !ok && text.contains("possible values: nftables, iptables"),

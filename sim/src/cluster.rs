@@ -44,6 +44,8 @@ pub struct ClusterSpec {
     pub run_id: Option<String>,
     /// The agents' `--repair-interval-ms`.
     pub repair_interval_ms: u64,
+    /// Start the agents with `--localhost-access`.
+    pub localhost_access: bool,
 }
 
 impl Default for ClusterSpec {
@@ -55,6 +57,7 @@ impl Default for ClusterSpec {
             port_range: "20000-29999".into(),
             run_id: None,
             repair_interval_ms: 500,
+            localhost_access: false,
         }
     }
 }
@@ -402,9 +405,12 @@ impl Cluster {
                 &self.spec.port_range,
                 "--metrics-addr",
                 "off",
-                "--repair-interval-ms",
-                "500",
             ])
+            .arg(format!(
+                "--repair-interval-ms={}",
+                self.spec.repair_interval_ms
+            ))
+            .args(self.spec.localhost_access.then_some("--localhost-access"))
             .arg(format!("--pods=dir:{}", node.dir.join("pods").display()))
             .arg("--socket")
             .arg(node.socket())

@@ -123,9 +123,24 @@ const SETS: [(&str, &str, &str); 6] = [
     ("hairpin6", "set", "ipv6_addr . ipv6_addr"),
 ];
 
+/// Choices that change the table's chains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NftOptions {
+    /// Map `127.0.0.0/8:hostPort` from the node itself too (IPv4 only; the node needs
+    /// `net.ipv4.conf.all.route_localnet=1`, which the agent sets). The table then also
+    /// drops every packet for 127.0.0.0/8 that did not come from the loopback interface,
+    /// before anything else sees it, against CVE-2020-8558-style access from other hosts.
+    pub localhost: bool,
+}
+
 /// The whole table with every sandbox's elements, as one `nft -f` transaction that
 /// creates the table if missing, deletes it and builds it anew (atomically).
 pub fn ruleset(table: &str, records: &[SandboxRecord]) -> String {
+    ruleset_with(table, records, NftOptions::default())
+}
+
+/// [`ruleset`] with `options`.
+pub fn ruleset_with(table: &str, records: &[SandboxRecord], options: NftOptions) -> String {
     let mut sorted: Vec<&SandboxRecord> = records.iter().collect();
     sorted.sort_by(|a, b| a.sandbox.cmp(&b.sandbox));
     let all: Vec<Element> = sorted.iter().flat_map(|r| elements(r)).collect();
@@ -152,9 +167,29 @@ pub fn ruleset(table: &str, records: &[SandboxRecord]) -> String {
         let _ = writeln!(out, "\t}}");
     }
     out.push_str(CHAINS);
+    if options.localhost {
+        out.push_str(LOCALHOST_CHAINS);
+    }
     out.push_str("}\n");
     out
 }
+
+/// With localhost access: loopback destinations reach the lookups from the node itself,
+/// their source is masqueraded (a pod cannot answer 127.0.0.1), and loopback destinations
+/// arriving on any other interface are dropped first of all.
+const LOCALHOST_CHAINS: &str = "\tchain localhost_output {
+\t\ttype nat hook output priority -99; policy accept;
+\t\tmeta nfproto ipv4 ip daddr 127.0.0.0/8 goto hostports
+\t}
+\tchain localhost_postrouting {
+\t\ttype nat hook postrouting priority 101; policy accept;
+\t\tmeta nfproto ipv4 ct status dnat ip saddr 127.0.0.0/8 masquerade
+\t}
+\tchain localhost_guard {
+\t\ttype filter hook prerouting priority -300; policy accept;
+\t\tmeta nfproto ipv4 iifname != \"lo\" ip daddr 127.0.0.0/8 counter drop
+\t}
+";
 
 /// The chains: lookups reached only for local destinations, and hairpin masquerade.
 const CHAINS: &str = "\tchain hostports {

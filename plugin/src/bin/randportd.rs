@@ -58,6 +58,11 @@ struct Cli {
     /// Address for /metrics, /healthz and /readyz, or `off`.
     #[arg(long, env = "RANDPORT_METRICS_ADDR", default_value = "127.0.0.1:9740")]
     metrics_addr: String,
+    /// Map 127.0.0.1:hostPort to pods too, from the node itself (nftables only). Sets
+    /// net.ipv4.conf.all.route_localnet=1 and drops loopback-addressed packets that arrive
+    /// from other hosts (CVE-2020-8558).
+    #[arg(long, env = "RANDPORT_LOCALHOST_ACCESS")]
+    localhost_access: bool,
     /// How often our rules are checked and re-applied if someone flushed them.
     #[arg(long, env = "RANDPORT_REPAIR_INTERVAL_MS", default_value_t = 1000)]
     repair_interval_ms: u64,
@@ -137,6 +142,17 @@ fn run_agent(cli: Cli) -> Result<()> {
         }
         _ => bail!("--pods {:?}: use kube or dir:PATH", cli.pods),
     };
+    if cli.localhost_access {
+        if cli.firewall != Backend::Nftables {
+            bail!(
+                "--localhost-access needs --firewall nftables (its guard against CVE-2020-8558 is an nft chain)"
+            );
+        }
+        firewall::enable_route_localnet(std::path::Path::new(
+            randport_plugin::node_ports::DEFAULT_SYSCTL_DIR,
+        ))
+        .context("setting net.ipv4.conf.all.route_localnet=1 for --localhost-access")?;
+    }
     let node = NodePorts::default();
     let reserved = node.reserved().unwrap_or_else(|e| {
         eprintln!("randportd: warning: {e}; no ports are treated as reserved");
@@ -169,7 +185,7 @@ fn run_agent(cli: Cli) -> Result<()> {
         pod_wait: Duration::from_secs(5),
     };
     let fx = Effects {
-        firewall: firewall::backend(cli.firewall),
+        firewall: firewall::backend(cli.firewall, cli.localhost_access),
         holder: Box::new(SocketHolder),
         conntrack: Box::new(NetlinkConntrack),
         state: Box::new(DirStateStore::open(&cli.state_dir)?),
