@@ -384,3 +384,50 @@ fn two_hundred_pods_added_and_deleted_at_once_three_times() {
         }
     }
 }
+
+#[test]
+fn bad_pods_get_clear_errors_and_change_nothing() {
+    if !root_or_skip("bad_pods_get_clear_errors_and_change_nothing") {
+        return;
+    }
+    let mut c = cluster("nftables", "20000-29999");
+    c.add_pod(tcp_pod("good")).unwrap();
+    let cases: Vec<(PodSpec, &str)> = vec![
+        (
+            PodSpec {
+                ports: vec![SimPort::new(0, Protocol::Tcp)],
+                ..tcp_pod("zero")
+            },
+            "containerPort 0 is not a port from 1 to 65535",
+        ),
+        (
+            PodSpec {
+                ports: vec![
+                    SimPort::new(8080, Protocol::Tcp),
+                    SimPort::new(8080, Protocol::Tcp),
+                ],
+                ..tcp_pod("twice")
+            },
+            "containerPort 8080/TCP is declared twice",
+        ),
+        (
+            PodSpec {
+                ports: vec![SimPort {
+                    host_ip: Some("2001:db8::1".parse().unwrap()),
+                    ..SimPort::new(8080, Protocol::Tcp)
+                }],
+                ..tcp_pod("family")
+            },
+            "asks for hostIP 2001:db8::1 but the pod has no address of that family",
+        ),
+    ];
+    for (spec, expected) in cases {
+        let name = spec.name.clone();
+        let err = c.add_pod(spec).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("pod faults/{name}")) && err.contains(expected),
+            "{err}"
+        );
+        assert_checks(&format!("after the bad pod {name}"), &consistent(&c, true));
+    }
+}

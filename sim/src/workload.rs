@@ -42,7 +42,10 @@ impl Drop for Workload {
 /// Starts serving `ports` (container port, protocol) in `ns`, answering with `name`.
 /// SCTP ports are not served (the standard library has no SCTP).
 pub fn start(ns: &Netns, name: &str, ports: &[(u16, Protocol)]) -> Result<Workload> {
-    let wanted = ports.to_vec();
+    // A port declared twice is served once.
+    let mut wanted = ports.to_vec();
+    wanted.sort();
+    wanted.dedup();
     let (tcp, udp) = ns
         .enter(
             move || -> std::io::Result<(Vec<TcpListener>, Vec<UdpSocket>)> {
