@@ -433,6 +433,32 @@ fn route_client_to_pods(c: &Cluster) -> Result<()> {
     ])
 }
 
+/// Measures `spec.samples` ADD+DEL pairs with `existing` mappings on the node and adds
+/// the row to the report.
+fn latency_row(
+    c: &Cluster,
+    plugin: &dyn Plugin,
+    spec: &BenchSpec,
+    samples_at: usize,
+    existing: usize,
+    report: &mut Report,
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
+    progress(&format!(
+        "{}: {} ADD+DEL pairs at {existing} mappings",
+        plugin.name(),
+        spec.samples
+    ));
+    let (adds, dels) = measure_add_del(c, plugin, samples_at, spec.samples)?;
+    report.latency.push(LatencyRow {
+        plugin: plugin.name(),
+        existing,
+        add: percentiles(&adds),
+        del: percentiles(&dels),
+    });
+    Ok(())
+}
+
 /// Fills node 0 size by size (the sizes of `spec` up to `max`, the real target pod counting
 /// as the first mapping) and measures at each: ADD/DEL latency, the agent's memory (with
 /// `memory_of` naming the backend), connections through `target` vs `direct`. Returns
@@ -469,18 +495,7 @@ fn sweep(
             have = size;
         }
         if spec.sizes.contains(&size) {
-            progress(&format!(
-                "{}: {} ADD+DEL pairs at {have} mappings",
-                plugin.name(),
-                spec.samples
-            ));
-            let (adds, dels) = measure_add_del(c, plugin, samples_at, spec.samples)?;
-            report.latency.push(LatencyRow {
-                plugin: plugin.name(),
-                existing: have,
-                add: percentiles(&adds),
-                del: percentiles(&dels),
-            });
+            latency_row(c, plugin, spec, samples_at, have, report, progress)?;
             if let Some(backend) = memory_of {
                 report.memory.push((
                     backend.into(),
@@ -579,18 +594,7 @@ fn randport_backend(
     }
 
     if spec.sizes.contains(&0) {
-        progress(&format!(
-            "{}: {} ADD+DEL pairs at 0 mappings",
-            plugin.name(),
-            spec.samples
-        ));
-        let (adds, dels) = measure_add_del(&c, &plugin, idx.samples, spec.samples)?;
-        report.latency.push(LatencyRow {
-            plugin: plugin.name(),
-            existing: 0,
-            add: percentiles(&adds),
-            del: percentiles(&dels),
-        });
+        latency_row(&c, &plugin, spec, idx.samples, 0, report, progress)?;
     }
     // One real pod to connect to.
     let mut real = PodSpec::echo("bench", "target", 0);
@@ -644,18 +648,7 @@ fn portmap(spec: &BenchSpec, report: &mut Report, progress: &mut dyn FnMut(&str)
     route_client_to_pods(&c)?;
     let samples_at = Indexes::new(spec)?.samples;
     if spec.sizes.contains(&0) {
-        progress(&format!(
-            "{}: {} ADD+DEL pairs at 0 mappings",
-            plugin.name(),
-            spec.samples
-        ));
-        let (adds, dels) = measure_add_del(&c, &plugin, samples_at, spec.samples)?;
-        report.latency.push(LatencyRow {
-            plugin: plugin.name(),
-            existing: 0,
-            add: percentiles(&adds),
-            del: percentiles(&dels),
-        });
+        latency_row(&c, &plugin, spec, samples_at, 0, report, progress)?;
     }
     let mut real = PodSpec::echo("bench", "target", 0);
     real.ports = vec![SimPort::new(8080, Protocol::Tcp)];

@@ -635,7 +635,7 @@ impl Cluster {
                 .ok()
                 .and_then(|v| v["details"].as_str().map(str::to_owned))
                 .unwrap_or(stdout);
-            let _ = self.cni(&pod.spec, &pod.sandbox, "DEL", &pod.ips);
+            let _ = self.run_del(pod);
             let _ = std::fs::remove_file(self.pod_file(&pod.spec));
             bail!("ADD of pod {} failed: {message}", pod.spec.pod_ref());
         }
@@ -739,20 +739,27 @@ impl Cluster {
     /// Deletes a pod the way a runtime does: the plugin's DEL, then the Pod object and
     /// the namespace.
     pub fn delete_pod(&mut self, name: &str) -> Result<()> {
-        let index = self
-            .pods
-            .iter()
-            .position(|p| p.spec.name == name)
-            .ok_or_else(|| anyhow!("no pod {name}"))?;
         // A failed DEL keeps the pod, so that it can be retried, as a runtime does.
-        let pod = &self.pods[index];
+        self.run_del(self.pod(name)?)?;
+        self.forget(name);
+        Ok(())
+    }
+
+    /// The plugin's DEL for a pod.
+    fn run_del(&self, pod: &SimPod) -> Result<()> {
         let (ok, stdout) = self.cni(&pod.spec, &pod.sandbox, "DEL", &pod.ips)?;
         if !ok {
             bail!("DEL of pod {} failed: {stdout}", pod.spec.pod_ref());
         }
-        let pod = self.pods.remove(index);
-        let _ = std::fs::remove_file(self.pod_file(&pod.spec));
         Ok(())
+    }
+
+    /// Drops a deleted pod: its namespace and its Pod object.
+    fn forget(&mut self, name: &str) {
+        if let Some(index) = self.pods.iter().position(|p| p.spec.name == name) {
+            let pod = self.pods.remove(index);
+            let _ = std::fs::remove_file(self.pod_file(&pod.spec));
+        }
     }
 
     /// Deletes pods at once (every plugin DEL concurrently); returns each result, in
@@ -762,16 +769,7 @@ impl Cluster {
         let results: Vec<Result<()>> = std::thread::scope(|scope| {
             let handles: Vec<_> = names
                 .iter()
-                .map(|name| {
-                    scope.spawn(move || -> Result<()> {
-                        let pod = this.pod(name)?;
-                        let (ok, stdout) = this.cni(&pod.spec, &pod.sandbox, "DEL", &pod.ips)?;
-                        if !ok {
-                            bail!("DEL of pod {} failed: {stdout}", pod.spec.pod_ref());
-                        }
-                        Ok(())
-                    })
-                })
+                .map(|name| scope.spawn(move || this.run_del(this.pod(name)?)))
                 .collect();
             handles
                 .into_iter()
@@ -783,10 +781,7 @@ impl Cluster {
         });
         for (name, result) in names.iter().zip(&results) {
             if result.is_ok() {
-                if let Some(index) = self.pods.iter().position(|p| &p.spec.name == name) {
-                    let pod = self.pods.remove(index);
-                    let _ = std::fs::remove_file(self.pod_file(&pod.spec));
-                }
+                self.forget(name);
             }
         }
         results
