@@ -113,7 +113,9 @@ impl AgentError {
     pub fn code(&self) -> (u32, &'static str) {
         match self {
             AgentError::NotReady(_) => (11, "Try again later"),
-            AgentError::Pod(PodError::NotFound { .. }) => (11, "Try again later"),
+            AgentError::Pod(PodError::NotFound { .. } | PodError::Api { .. }) => {
+                (11, "Try again later")
+            }
             AgentError::Pod(PodError::Io { .. }) => (5, "I/O failure"),
             AgentError::Pod(PodError::Invalid { .. }) | AgentError::Annotation(_) => {
                 (102, "invalid pod")
@@ -302,42 +304,61 @@ impl Agent {
         let all: Vec<SandboxRecord> = inner.records.values().cloned().collect();
         self.firewall.replace_all(&all)?;
 
-        for record in all {
-            match self.pods.get(&record.pod) {
-                Ok(pod)
-                    if record.pod.uid.is_empty()
-                        || pod.pod.uid.is_empty()
-                        || pod.pod.uid == record.pod.uid =>
-                {
-                    let value = annotation::encode(&record.annotation_entries());
-                    if pod.annotation.as_ref().is_some_and(|v| *v != value) {
-                        match self.pods.write_annotation(&record.pod, &value) {
-                            Ok(()) => report.rewritten.push(record.pod.clone()),
-                            Err(e) => report
-                                .warnings
-                                .push(format!("rewriting the annotation: {e}")),
+        // One listing of this node's pods (the API source waits for its watch to sync);
+        // when there is none, nothing is released: a pod we cannot see is not a gone pod.
+        match self.pods.list() {
+            Ok(pods) => {
+                let pods: HashMap<(String, String), crate::pods::PodInfo> = pods
+                    .into_iter()
+                    .map(|p| ((p.pod.namespace.clone(), p.pod.name.clone()), p))
+                    .collect();
+                for record in all {
+                    let key = (record.pod.namespace.clone(), record.pod.name.clone());
+                    match pods.get(&key) {
+                        Some(pod)
+                            if record.pod.uid.is_empty()
+                                || pod.pod.uid.is_empty()
+                                || pod.pod.uid == record.pod.uid =>
+                        {
+                            let value = annotation::encode(&record.annotation_entries());
+                            if pod.annotation.as_ref().is_some_and(|v| *v != value) {
+                                match self.pods.write_annotation(&record.pod, &value) {
+                                    Ok(()) => report.rewritten.push(record.pod.clone()),
+                                    Err(e) => report
+                                        .warnings
+                                        .push(format!("rewriting the annotation: {e}")),
+                                }
+                            }
+                        }
+                        _ => {
+                            if let Err(e) = self.remove_locked(&mut inner, &record.sandbox) {
+                                report.warnings.push(e.to_string());
+                            }
+                            report.released.push(record.sandbox.clone());
                         }
                     }
                 }
-                Ok(_) | Err(PodError::NotFound { .. }) => {
-                    if let Err(e) = self.remove_locked(&mut inner, &record.sandbox) {
-                        report.warnings.push(e.to_string());
-                    }
-                    report.released.push(record.sandbox.clone());
-                }
-                Err(e) => report.warnings.push(format!("reconciling: {e}")),
             }
+            Err(e) => report.warnings.push(format!(
+                "not reconciled with the pods, every mapping kept: {e}"
+            )),
         }
         self.ready.store(true, Ordering::SeqCst);
         Ok(report)
     }
 
     fn resolve_pod(&self, pod: &PodRef) -> Result<crate::pods::PodInfo, AgentError> {
+        // The pod may be moments old: the API source's watch may not have it yet and a GET
+        // may race its creation. Short retries, growing from 20 ms to 320 ms.
         let deadline = Instant::now() + self.config.pod_wait;
+        let mut pause = Duration::from_millis(20);
         loop {
             match self.pods.get(pod) {
                 Err(PodError::NotFound { .. }) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
+                    std::thread::sleep(
+                        pause.min(deadline.saturating_duration_since(Instant::now())),
+                    );
+                    pause = (pause * 2).min(Duration::from_millis(320));
                 }
                 other => return Ok(other?),
             }
@@ -345,8 +366,29 @@ impl Agent {
     }
 
     /// ADD: maps the pod's ports for the sandbox; returns the record (none when the pod
-    /// has nothing to map). A repeated ADD returns the first one's record.
+    /// has nothing to map). A repeated ADD returns the first one's record. A failure that
+    /// the pod's owner can act on is also told to the pod source (an Event on the pod).
     pub fn add(&self, req: &AddRequest) -> Result<Option<SandboxRecord>, AgentError> {
+        let result = self.try_add(req);
+        if let Err(e) = &result
+            && !matches!(
+                e,
+                AgentError::NotReady(_)
+                    | AgentError::Pod(PodError::NotFound { .. } | PodError::Api { .. })
+            )
+        {
+            self.pods.warn(
+                &req.pod,
+                &format!(
+                    "randport could not map this pod's ports on node {}: {e}",
+                    self.config.node_name
+                ),
+            );
+        }
+        result
+    }
+
+    fn try_add(&self, req: &AddRequest) -> Result<Option<SandboxRecord>, AgentError> {
         if !self.is_ready() {
             return Err(AgentError::NotReady(self.config.node_name.clone()));
         }

@@ -14,6 +14,8 @@ pub mod cni;
 pub mod conntrack;
 pub mod firewall;
 pub mod holder;
+pub mod install;
+pub mod kube_pods;
 pub mod metrics;
 pub mod node_ports;
 pub mod pods;

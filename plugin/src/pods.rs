@@ -1,6 +1,7 @@
 //! Where the agent learns a pod's ports and annotation, and where it writes the chosen
 //! ports back. `--pods dir:PATH` reads Pod objects as JSON files (`kubectl get pod -o
-//! json` shape) at `PATH/<namespace>/<name>.json`; the Kubernetes API source comes later.
+//! json` shape) at `PATH/<namespace>/<name>.json`; `--pods kube` is the Kubernetes API
+//! ([`crate::kube_pods`]).
 
 use std::fs;
 use std::net::IpAddr;
@@ -43,6 +44,16 @@ pub enum PodError {
         /// What is wrong, and where.
         reason: String,
     },
+    /// The API server refused or did not answer.
+    #[error("pod {pod}: {what}: {message}")]
+    Api {
+        /// The pod (`*/*` for a listing).
+        pod: PodRef,
+        /// What was being done.
+        what: String,
+        /// Why it failed, and what to check.
+        message: String,
+    },
     /// Reading or writing failed.
     #[error("pod {pod}: {path}: {source}")]
     Io {
@@ -63,6 +74,11 @@ pub trait PodSource: Send + Sync {
     fn write_annotation(&self, pod: &PodRef, value: &str) -> Result<(), PodError>;
     /// Every pod on this node.
     fn list(&self) -> Result<Vec<PodInfo>, PodError>;
+    /// Tells the pod's owner that its ports could not be mapped (a Kubernetes Event); does
+    /// not wait and cannot fail the request (a source without events ignores it).
+    fn warn(&self, pod: &PodRef, message: &str) {
+        let _ = (pod, message);
+    }
 }
 
 fn invalid(pod: &PodRef, reason: impl Into<String>) -> PodError {
@@ -303,6 +319,8 @@ pub struct FakePodSource {
     pub writes: std::sync::Mutex<Vec<(PodRef, String)>>,
     /// When set, writes fail.
     pub fail_write: std::sync::atomic::AtomicBool,
+    /// Every (pod, message) warned about, in order.
+    pub warnings: std::sync::Mutex<Vec<(PodRef, String)>>,
 }
 
 impl FakePodSource {
@@ -362,6 +380,13 @@ impl PodSource for FakePodSource {
         Ok(())
     }
 
+    fn warn(&self, pod: &PodRef, message: &str) {
+        self.warnings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((pod.clone(), message.to_owned()));
+    }
+
     fn list(&self) -> Result<Vec<PodInfo>, PodError> {
         Ok(self
             .pods
@@ -382,6 +407,9 @@ impl<T: PodSource + ?Sized> PodSource for std::sync::Arc<T> {
     }
     fn list(&self) -> Result<Vec<PodInfo>, PodError> {
         (**self).list()
+    }
+    fn warn(&self, pod: &PodRef, message: &str) {
+        (**self).warn(pod, message)
     }
 }
 

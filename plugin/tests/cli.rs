@@ -4,8 +4,13 @@
 use std::process::Command;
 
 fn randportd(args: &[&str]) -> (bool, String) {
+    randportd_env(args, &[])
+}
+
+fn randportd_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_randportd"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let text = format!(
@@ -23,6 +28,7 @@ fn every_flag_can_be_set_from_the_environment() {
     for (flag, var, default) in [
         ("--node-name", "RANDPORT_NODE_NAME", None),
         ("--pods", "RANDPORT_PODS", Some("kube")),
+        ("--cni-conf-dir", "RANDPORT_CNI_CONF_DIR", None),
         (
             "--socket",
             "RANDPORT_SOCKET",
@@ -65,9 +71,18 @@ fn bad_flags_get_clear_errors() {
     let (ok, text) = randportd(&["--port-range", "30000-20000", "--pods", "dir:/nonexistent"]);
     assert!(!ok);
     assert!(text.contains("port range 30000-20000 is empty"), "{text}");
-    let (ok, text) = randportd(&["--pods", "kube", "--node-name", "n"]);
+    let (ok, text) = randportd_env(
+        &["--pods", "kube", "--node-name", "n"],
+        &[
+            ("KUBECONFIG", "/nonexistent/kubeconfig"),
+            ("KUBERNETES_SERVICE_HOST", ""),
+        ],
+    );
     assert!(!ok);
-    assert!(text.contains("use --pods dir:PATH"), "{text}");
+    assert!(
+        text.contains("no Kubernetes client configuration") && text.contains("set KUBECONFIG"),
+        "{text}"
+    );
     let (ok, text) = randportd(&["--pods", "files", "--node-name", "n"]);
     assert!(!ok);
     assert!(

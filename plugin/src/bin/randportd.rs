@@ -13,8 +13,10 @@ use randport_plugin::cni::DEFAULT_SOCKET;
 use randport_plugin::conntrack::NetlinkConntrack;
 use randport_plugin::firewall::{self, Backend, IptablesFirewall, NftFirewall};
 use randport_plugin::holder::SocketHolder;
+use randport_plugin::install;
+use randport_plugin::kube_pods::{KubePodSource, KubeSettings};
 use randport_plugin::node_ports::{NodePorts, overlap_warning};
-use randport_plugin::pods::DirPodSource;
+use randport_plugin::pods::{DirPodSource, PodSource};
 use randport_plugin::rpc::{Request, Response, call};
 use randport_plugin::server;
 use randport_plugin::state::DirStateStore;
@@ -66,6 +68,10 @@ struct Cli {
     /// How often our rules are checked and re-applied if someone flushed them.
     #[arg(long, env = "RANDPORT_REPAIR_INTERVAL_MS", default_value_t = 1000)]
     repair_interval_ms: u64,
+    /// Keep our entry in the node's conflist in this directory (put back within 5 s when a
+    /// network plugin rewrites the file). Unset: the conflist is left alone.
+    #[arg(long, env = "RANDPORT_CNI_CONF_DIR")]
+    cni_conf_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,12 +82,56 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Installs the plugin on this node: copies `randport` into the CNI bin directory and
+    /// adds it to the end of the runtime's conflist. Idempotent.
+    Install {
+        /// The CNI plugin binary to install (default: `randport` beside this program).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// The node's CNI bin directory (as mounted into the container).
+        #[arg(long, env = "RANDPORT_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        /// The node's CNI config directory.
+        #[arg(long, env = "RANDPORT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+    },
+    /// Removes randport from this node: our conflist entry, the binary, our firewall
+    /// table and chains, and the records. Refuses while an agent is running.
+    Uninstall {
+        /// The node's CNI bin directory.
+        #[arg(long, env = "RANDPORT_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        /// The node's CNI config directory.
+        #[arg(long, env = "RANDPORT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+        /// Afterwards, wait until stopped (for a DaemonSet that stays Running when done).
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::List { json }) => list(&cli.socket, json),
+        Some(Command::Install {
+            ref binary,
+            ref cni_bin_dir,
+            ref cni_conf_dir,
+        }) => install_on_node(binary.as_deref(), cni_bin_dir, cni_conf_dir, &cli.socket),
+        Some(Command::Uninstall {
+            ref cni_bin_dir,
+            ref cni_conf_dir,
+            wait,
+        }) => {
+            uninstall_from_node(cni_bin_dir, cni_conf_dir, &cli.socket, &cli.state_dir)?;
+            if wait {
+                loop {
+                    std::thread::park();
+                }
+            }
+            Ok(())
+        }
         None => run_agent(cli),
     }
 }
@@ -97,6 +147,96 @@ fn list(socket: &std::path::Path, json: bool) -> Result<()> {
         print!("{}", table(&records));
     }
     Ok(())
+}
+
+fn install_on_node(
+    binary: Option<&std::path::Path>,
+    bin_dir: &std::path::Path,
+    conf_dir: &std::path::Path,
+    socket: &std::path::Path,
+) -> Result<()> {
+    let binary = match binary {
+        Some(b) => b.to_owned(),
+        None => std::env::current_exe()
+            .context("finding this program (or pass --binary)")?
+            .with_file_name(install::PLUGIN_TYPE),
+    };
+    let copied = install::install_binary(&binary, bin_dir)
+        .with_context(|| format!("installing {} into {}", binary.display(), bin_dir.display()))?;
+    println!(
+        "{} {}",
+        if copied { "installed" } else { "up to date:" },
+        bin_dir.join(install::PLUGIN_TYPE).display()
+    );
+    match install::ensure_entry(conf_dir, socket)? {
+        Some(file) => println!("added randport to {}", file.display()),
+        None => println!(
+            "randport is already in {}",
+            install::active_config(conf_dir)?.display()
+        ),
+    }
+    Ok(())
+}
+
+fn uninstall_from_node(
+    bin_dir: &std::path::Path,
+    conf_dir: &std::path::Path,
+    socket: &std::path::Path,
+    state_dir: &std::path::Path,
+) -> Result<()> {
+    if call(socket, &Request::Status, Duration::from_secs(2)).is_ok() {
+        bail!(
+            "an agent answers on {}: stop it first (kubectl -n kube-system delete daemonset \
+             randport), or it puts its conflist entry back",
+            socket.display()
+        );
+    }
+    // New pods stop calling us first; then the binary, the rules and the records go.
+    for file in install::remove_entries(conf_dir)? {
+        println!("removed randport from {}", file.display());
+    }
+    if install::remove_binary(bin_dir)? {
+        println!("removed {}", bin_dir.join(install::PLUGIN_TYPE).display());
+    }
+    let backends: [Box<dyn firewall::Firewall>; 2] = [
+        Box::new(NftFirewall::new(randport_core::render::nft::DEFAULT_TABLE)),
+        Box::new(IptablesFirewall),
+    ];
+    for backend in backends {
+        match backend.teardown() {
+            Ok(()) => println!("removed the {} rules", backend.name()),
+            Err(e) => eprintln!(
+                "randportd: warning: removing the {} rules: {e}",
+                backend.name()
+            ),
+        }
+    }
+    match std::fs::remove_dir_all(state_dir) {
+        Ok(()) => println!("removed {}", state_dir.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => bail!("removing {}: {e}", state_dir.display()),
+    }
+    Ok(())
+}
+
+/// Puts our entry back when a network plugin rewrites its conflist (kindnet does on start).
+fn keep_conflist_entry(dir: &std::path::Path, socket: &std::path::Path) {
+    let mut last_error = String::new();
+    loop {
+        std::thread::sleep(Duration::from_secs(5));
+        match install::ensure_entry(dir, socket) {
+            Ok(Some(file)) => eprintln!(
+                "randportd: our entry was missing from {}; put it back",
+                file.display()
+            ),
+            Ok(None) => last_error.clear(),
+            Err(e) if e.to_string() != last_error => {
+                last_error = e.to_string();
+                eprintln!("randportd: warning: {e}");
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 fn table(records: &[SandboxRecord]) -> String {
@@ -131,17 +271,27 @@ fn run_agent(cli: Cli) -> Result<()> {
             .to_string_lossy()
             .into_owned(),
     };
-    let pods = match cli.pods.split_once(':') {
+    let pods: Box<dyn PodSource> = match cli.pods.split_once(':') {
         Some(("dir", path)) if !path.is_empty() => {
-            DirPodSource::new(path, &cli.annotation, &node_name)
+            Box::new(DirPodSource::new(path, &cli.annotation, &node_name))
         }
-        _ if cli.pods == "kube" => {
-            bail!(
-                "--pods kube: the Kubernetes API pod source is not built yet; use --pods dir:PATH"
-            )
-        }
+        _ if cli.pods == "kube" => Box::new(
+            KubePodSource::connect(KubeSettings::new(&node_name, &cli.annotation))
+                .map_err(anyhow::Error::msg)
+                .context("--pods kube")?,
+        ),
         _ => bail!("--pods {:?}: use kube or dir:PATH", cli.pods),
     };
+    if let Some(dir) = &cli.cni_conf_dir {
+        // Before serving: a conflist without us means pods started now get no ports.
+        match install::ensure_entry(dir, &cli.socket) {
+            Ok(Some(file)) => eprintln!("randportd: added randport to {}", file.display()),
+            Ok(None) => {}
+            Err(e) => eprintln!("randportd: warning: {e}"),
+        }
+        let (dir, socket) = (dir.clone(), cli.socket.clone());
+        std::thread::spawn(move || keep_conflist_entry(&dir, &socket));
+    }
     if cli.localhost_access {
         if cli.firewall != Backend::Nftables {
             bail!(
@@ -189,7 +339,7 @@ fn run_agent(cli: Cli) -> Result<()> {
         holder: Box::new(SocketHolder),
         conntrack: Box::new(NetlinkConntrack),
         state: Box::new(DirStateStore::open(&cli.state_dir)?),
-        pods: Box::new(pods),
+        pods,
     };
     let agent = Arc::new(Agent::new(config, fx));
 

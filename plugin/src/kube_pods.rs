@@ -1,0 +1,389 @@
+//! The Kubernetes API as the agent's pod source (`--pods kube`, the default).
+//!
+//! One watch of the pods on this node (field selector `spec.nodeName`) feeds a cache; an
+//! ADD reads the cache and, when the pod is not there yet (it may be a moment old), GETs it
+//! from the API server. There is no list per ADD. The annotation is written with a merge
+//! patch of that one key (plus the pod's uid, so a patch meant for a deleted pod never lands
+//! on its same-named successor), retried with backoff on conflicts and transient errors.
+//! Failures become Events on the pod (reason `PortMappingFailed`).
+//!
+//! The agent is synchronous; this source owns a small tokio runtime and blocks on it from
+//! the agent's threads (never from inside the runtime).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use randport_core::PodRef;
+use serde_json::{Value, json};
+use tokio::runtime::{Handle, Runtime};
+use tokio::task::JoinHandle;
+
+use crate::pods::{PodError, PodInfo, PodSource, parse_pod};
+
+/// The reason of the Events the agent records on pods.
+pub const FAILURE_REASON: &str = "PortMappingFailed";
+
+/// How the Kubernetes pod source behaves.
+#[derive(Debug, Clone)]
+pub struct KubeSettings {
+    /// This node's name (the watch's field selector).
+    pub node_name: String,
+    /// The port-mapping annotation's key.
+    pub annotation_key: String,
+    /// Attempts per API call (GET, PATCH, Event) on conflicts and transient errors.
+    pub attempts: u32,
+    /// The first retry's delay; doubled on each further retry.
+    pub first_backoff: Duration,
+    /// How long one API call may take.
+    pub call_timeout: Duration,
+    /// How long a listing waits for the watch's first sync.
+    pub sync_timeout: Duration,
+}
+
+impl KubeSettings {
+    /// Defaults: 6 attempts from 25 ms (about 0.8 s of backoff in all), 5 s per call, 30 s
+    /// for the first sync.
+    pub fn new(node_name: &str, annotation_key: &str) -> Self {
+        KubeSettings {
+            node_name: node_name.to_owned(),
+            annotation_key: annotation_key.to_owned(),
+            attempts: 6,
+            first_backoff: Duration::from_millis(25),
+            call_timeout: Duration::from_secs(5),
+            sync_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Pods from the Kubernetes API, cached by a watch of this node's pods.
+pub struct KubePodSource {
+    settings: KubeSettings,
+    client: Client,
+    handle: Handle,
+    store: Store<Pod>,
+    synced: Arc<AtomicBool>,
+    watch: JoinHandle<()>,
+    // Dropped last: the tasks above run on it.
+    _runtime: Option<Runtime>,
+}
+
+impl std::fmt::Debug for KubePodSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubePodSource")
+            .field("settings", &self.settings)
+            .field("synced", &self.synced.load(Ordering::SeqCst))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The API call that failed and why, for one pod.
+fn api_error(pod: &PodRef, what: &str, e: &CallError) -> PodError {
+    let hint = match e {
+        CallError::Kube(kube::Error::Api(s)) if s.code == 403 => {
+            "; the agent's ServiceAccount lacks the permission, or the admission policy \
+             refused it: check the ClusterRole and ValidatingAdmissionPolicy in deploy/randport.yaml"
+        }
+        CallError::Kube(kube::Error::Api(s)) if s.code == 422 => {
+            "; the API server refused the change (an admission policy?)"
+        }
+        CallError::Kube(kube::Error::Api(_)) => "",
+        _ => "; is the API server reachable from this node?",
+    };
+    PodError::Api {
+        pod: pod.clone(),
+        what: what.to_owned(),
+        message: format!("{e}{hint}"),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("{}", describe(.0))]
+    Kube(kube::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+fn describe(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} {}: {}", s.code, s.reason, s.message),
+        other => other.to_string(),
+    }
+}
+
+/// A conflict on a pod that was replaced (its uid changed) is not worth retrying.
+fn uid_mismatch(e: &CallError) -> bool {
+    matches!(e, CallError::Kube(kube::Error::Api(s))
+        if s.code == 409 && s.message.contains("Precondition failed"))
+}
+
+fn transient(e: &CallError) -> bool {
+    match e {
+        CallError::Timeout(_) => true,
+        CallError::Kube(kube::Error::Api(s)) => {
+            matches!(s.code, 409 | 429 | 500 | 502 | 503 | 504) && !uid_mismatch(e)
+        }
+        CallError::Kube(
+            kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_),
+        ) => true,
+        CallError::Kube(_) => false,
+    }
+}
+
+fn not_found(e: &CallError) -> bool {
+    matches!(e, CallError::Kube(kube::Error::Api(s)) if s.code == 404)
+}
+
+/// Runs `call` until it succeeds, fails for good, or runs out of attempts, with a timeout
+/// on each attempt and a doubling pause between them.
+async fn retrying<T, F, Fut>(settings: &KubeSettings, mut call: F) -> Result<T, CallError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, kube::Error>>,
+{
+    let mut delay = settings.first_backoff;
+    let mut attempt = 1;
+    loop {
+        let result = match tokio::time::timeout(settings.call_timeout, call()).await {
+            Ok(result) => result.map_err(CallError::Kube),
+            Err(_) => Err(CallError::Timeout(settings.call_timeout)),
+        };
+        match result {
+            Err(e) if attempt < settings.attempts && transient(&e) => {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+impl KubePodSource {
+    /// Connects with the in-cluster service account, or `KUBECONFIG` / `~/.kube/config`
+    /// outside a cluster, on a runtime of its own.
+    pub fn connect(settings: KubeSettings) -> Result<Self, String> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("randport-kube")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("starting the Kubernetes client's runtime: {e}"))?;
+        let client = runtime.block_on(Client::try_default()).map_err(|e| {
+            format!(
+                "no Kubernetes client configuration: {e}; run in a pod with a service \
+                 account, set KUBECONFIG, or use --pods dir:PATH"
+            )
+        })?;
+        let mut source = Self::start(client, runtime.handle().clone(), settings);
+        source._runtime = Some(runtime);
+        Ok(source)
+    }
+
+    /// Starts the watch on `handle` with `client` (tests pass a mock API server's client).
+    pub fn start(client: Client, handle: Handle, settings: KubeSettings) -> Self {
+        let (store, writer) = reflector::store();
+        let synced = Arc::new(AtomicBool::new(false));
+        let api: Api<Pod> = Api::all(client.clone());
+        let config =
+            watcher::Config::default().fields(&format!("spec.nodeName={}", settings.node_name));
+        let stream = watcher(api, config)
+            .default_backoff()
+            .modify(|pod: &mut Pod| pod.managed_fields_mut().clear())
+            .reflect(writer);
+        let watch = handle.spawn(async move {
+            stream
+                .for_each(|event| async move {
+                    if let Err(e) = event {
+                        eprintln!("randportd: watching this node's pods: {e}; retrying");
+                    }
+                })
+                .await;
+        });
+        let ready = store.clone();
+        let flag = Arc::clone(&synced);
+        handle.spawn(async move {
+            if ready.wait_until_ready().await.is_ok() {
+                flag.store(true, Ordering::SeqCst);
+            }
+        });
+        KubePodSource {
+            settings,
+            client,
+            handle,
+            store,
+            synced,
+            watch,
+            _runtime: None,
+        }
+    }
+
+    /// Whether the pod (with that uid, when given) is in the watch's cache.
+    pub fn is_cached(&self, pod: &PodRef) -> bool {
+        self.cached(pod).is_some()
+    }
+
+    /// Whether the watch has delivered its first full listing.
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::SeqCst)
+    }
+
+    /// Runs `call` until it succeeds, fails for good, or runs out of attempts.
+    fn call<T, F, Fut>(&self, call: F) -> Result<T, CallError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, kube::Error>>,
+    {
+        self.handle.block_on(retrying(&self.settings, call))
+    }
+
+    fn info(&self, pod: &Pod) -> Result<PodInfo, PodError> {
+        let object = serde_json::to_value(pod).map_err(|e| PodError::Invalid {
+            pod: PodRef::new(pod.namespace().unwrap_or_default(), pod.name_any()),
+            reason: e.to_string(),
+        })?;
+        parse_pod(&object, &self.settings.annotation_key)
+    }
+
+    fn cached(&self, pod: &PodRef) -> Option<Arc<Pod>> {
+        let cached = self
+            .store
+            .get(&ObjectRef::new(&pod.name).within(&pod.namespace))?;
+        let uid = cached.uid().unwrap_or_default();
+        (pod.uid.is_empty() || uid == pod.uid).then_some(cached)
+    }
+
+    fn gone(pod: &PodRef, why: &str) -> PodError {
+        PodError::NotFound {
+            pod: pod.clone(),
+            source_name: format!("the API server ({why})"),
+        }
+    }
+}
+
+impl Drop for KubePodSource {
+    fn drop(&mut self) {
+        self.watch.abort();
+    }
+}
+
+impl PodSource for KubePodSource {
+    fn get(&self, pod: &PodRef) -> Result<PodInfo, PodError> {
+        if let Some(cached) = self.cached(pod) {
+            return self.info(&cached);
+        }
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        match self.call(|| api.get_opt(&pod.name)) {
+            Ok(Some(found)) if pod.uid.is_empty() || found.uid().as_deref() == Some(&pod.uid) => {
+                self.info(&found)
+            }
+            Ok(Some(_)) => Err(Self::gone(pod, "a pod of that name with another uid")),
+            Ok(None) => Err(Self::gone(pod, "no such pod")),
+            Err(e) => Err(api_error(pod, "reading the pod", &e)),
+        }
+    }
+
+    fn write_annotation(&self, pod: &PodRef, value: &str) -> Result<(), PodError> {
+        let key = &self.settings.annotation_key;
+        if let Some(cached) = self.cached(pod)
+            && cached.annotations().get(key).map(String::as_str) == Some(value)
+        {
+            return Ok(());
+        }
+        let mut metadata = json!({ "annotations": { key: value } });
+        if !pod.uid.is_empty() {
+            metadata["uid"] = Value::String(pod.uid.clone());
+        }
+        let patch = Patch::Merge(json!({ "metadata": metadata }));
+        let params = PatchParams {
+            field_manager: Some("randportd".into()),
+            ..PatchParams::default()
+        };
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        match self.call(|| api.patch(&pod.name, &params, &patch)) {
+            Ok(_) => Ok(()),
+            Err(e) if not_found(&e) => {
+                Err(Self::gone(pod, "deleted before its ports were written"))
+            }
+            Err(e) if uid_mismatch(&e) => {
+                Err(Self::gone(pod, "replaced by a pod of the same name"))
+            }
+            Err(e) => Err(api_error(pod, "writing the annotation", &e)),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<PodInfo>, PodError> {
+        // The timer is made inside the runtime (async block), not on the caller's thread.
+        let waited = self.handle.block_on(async {
+            tokio::time::timeout(self.settings.sync_timeout, self.store.wait_until_ready()).await
+        });
+        if !matches!(waited, Ok(Ok(()))) {
+            return Err(PodError::Api {
+                pod: PodRef::new("*", "*"),
+                what: format!("listing the pods on node {}", self.settings.node_name),
+                message: format!(
+                    "the watch has not synced within {:?}; is the API server reachable?",
+                    self.settings.sync_timeout
+                ),
+            });
+        }
+        let mut pods: Vec<PodInfo> = self
+            .store
+            .state()
+            .iter()
+            .filter_map(|pod| self.info(pod).ok())
+            .collect();
+        pods.sort_by(|a, b| a.pod.cmp(&b.pod));
+        Ok(pods)
+    }
+
+    /// Records a Warning Event on the pod, in the background: the failed request's answer
+    /// does not wait for the API server. A failure to record is logged.
+    fn warn(&self, pod: &PodRef, message: &str) {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let event = json!({
+            "metadata": {
+                "generateName": format!("{}.randport-", pod.name),
+                "namespace": pod.namespace,
+            },
+            "involvedObject": {
+                "apiVersion": "v1", "kind": "Pod",
+                "namespace": pod.namespace, "name": pod.name, "uid": pod.uid,
+            },
+            "reason": FAILURE_REASON,
+            "message": message,
+            "type": "Warning",
+            "source": { "component": "randportd", "host": self.settings.node_name },
+            "reportingComponent": "randportd",
+            "reportingInstance": self.settings.node_name,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        });
+        let event: Event = match serde_json::from_value(event) {
+            Ok(event) => event,
+            Err(e) => {
+                eprintln!("randportd: pod {pod}: building an Event: {e}");
+                return;
+            }
+        };
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let settings = self.settings.clone();
+        let pod = pod.clone();
+        self.handle.spawn(async move {
+            let params = PostParams::default();
+            let created = retrying(&settings, || api.create(&params, &event)).await;
+            if let Err(e) = created {
+                eprintln!("{}", api_error(&pod, "recording an Event", &e));
+            }
+        });
+    }
+}
