@@ -27,3 +27,7 @@ lint:
 # Fuzz the annotation decoder, the CNI config parser and the agent's request decoder (bounded).
 fuzz:
     ci/fuzz.sh
+
+# End-to-end on a kind cluster (needs Docker, kind, kubectl): install, e2e tests, uninstall.
+kind-e2e:
+    ci/kind-e2e.sh

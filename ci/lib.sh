@@ -26,3 +26,24 @@ ensure_nextest() {
     step "installing cargo-nextest"
     cargo install cargo-nextest --locked
 }
+
+# check-jsonschema (PyPI), which carries GitHub's workflow schema, for the workflow check.
+ensure_check_jsonschema() {
+    local scripts
+    scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)"
+    [ -n "$scripts" ] && PATH="$scripts:$HOME/.local/bin:$PATH"
+    command -v check-jsonschema >/dev/null && return 0
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        [ "$(id -u)" -eq 0 ] || { echo "check-jsonschema needs python3 and pip: apt-get install python3-pip" >&2; return 1; }
+        step "installing python3-pip (apt)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+    fi
+    step "installing check-jsonschema (pip)"
+    python3 -m pip install --quiet --disable-pip-version-check check-jsonschema 2>/dev/null \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages check-jsonschema
+    scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+    PATH="$scripts:$HOME/.local/bin:$PATH"
+    export PATH
+    command -v check-jsonschema >/dev/null
+}

@@ -10,6 +10,10 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "note: not root, so the real-kernel tests will skip (CI=true makes them fail instead)" >&2
 fi
 
+step "workflow files against GitHub's workflow schema (check-jsonschema)"
+ensure_check_jsonschema
+check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+
 step "format check"
 cargo fmt --all --check
 

@@ -1,0 +1,24 @@
+# syntax=docker/dockerfile:1
+# randport's image: randportd (the agent) and randport (the CNI plugin the agent's init
+# container copies to the node). Static musl binaries, so the plugin runs on any node.
+#   docker build -t randport:dev .
+# The pod needs NET_ADMIN and NET_RAW (deploy/randport.yaml grants exactly those).
+
+FROM rust:1.95-alpine AS build
+RUN apk add --no-cache musl-dev gcc
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p randport-plugin --bins \
+    && cp target/release/randport target/release/randportd /usr/local/bin/
+
+FROM alpine:3.22
+# nft for the default backend; iptables for the other one and for removing its leftovers.
+# The nf_tables flavour of iptables, like the nodes' (kind, current distributions).
+RUN apk add --no-cache nftables iptables ip6tables \
+    && for t in iptables ip6tables; do for s in "" -save -restore; do \
+         ln -sf "$(command -v xtables-nft-multi)" "/usr/sbin/$t$s"; done; done
+COPY --from=build /usr/local/bin/randport /usr/local/bin/randportd /usr/local/bin/
+ENTRYPOINT []
+CMD ["randportd", "--help"]

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# End-to-end on a kind cluster: create it (kind-configs/cluster.yaml), build and load the
+# image, install randport (deploy/), run the e2e tests, check the uninstall, collect logs
+# on failure, delete the cluster. Needs Docker, kind and kubectl.
+#   KIND_NODE_IMAGE=kindest/node:v1.28.15   another Kubernetes version
+#   KEEP_CLUSTER=1                           leave the cluster up afterwards
+source "$(dirname "$0")/lib.sh"
+
+for tool in docker kind kubectl; do
+    command -v "$tool" >/dev/null || { echo "ci/kind-e2e.sh needs $tool" >&2; exit 1; }
+done
+ensure_nextest
+
+CLUSTER="${RANDPORT_KIND_CLUSTER:-randport-e2e}"
+IMAGE="randport:e2e"
+LOGS="target/kind-logs"
+KUBECONFIG="$PWD/target/kind-kubeconfig"
+export KUBECONFIG
+
+finish() {
+    local rc=$?
+    if [ "$rc" -ne 0 ]; then
+        step "failed (exit $rc): collecting logs into $LOGS"
+        mkdir -p "$LOGS"
+        kubectl get pods -A -o wide >"$LOGS/pods.txt" 2>&1 || true
+        kubectl get events -A --sort-by=.lastTimestamp >"$LOGS/events.txt" 2>&1 || true
+        kubectl -n kube-system describe daemonset randport >"$LOGS/daemonset.txt" 2>&1 || true
+        kubectl -n kube-system logs -l app.kubernetes.io/name=randport --all-containers \
+            --prefix --tail=-1 >"$LOGS/agents.log" 2>&1 || true
+        for node in $(kind get nodes --name "$CLUSTER" 2>/dev/null); do
+            docker exec "$node" sh -c 'cat /etc/cni/net.d/*.conflist; nft list table inet randport' \
+                >"$LOGS/$node.txt" 2>&1 || true
+        done
+        kind export logs "$LOGS/kind" --name "$CLUSTER" >/dev/null 2>&1 || true
+        tail -n 50 "$LOGS/agents.log" || true
+    fi
+    if [ -z "${KEEP_CLUSTER:-}" ]; then
+        kind delete cluster --name "$CLUSTER" >/dev/null 2>&1 || true
+    fi
+    exit "$rc"
+}
+trap finish EXIT
+
+step "creating kind cluster $CLUSTER ${KIND_NODE_IMAGE:+($KIND_NODE_IMAGE)}"
+kind create cluster --name "$CLUSTER" --config kind-configs/cluster.yaml \
+    ${KIND_NODE_IMAGE:+--image "$KIND_NODE_IMAGE"} --kubeconfig "$KUBECONFIG" --wait 180s
+
+step "building $IMAGE and loading it into the nodes"
+docker build -t "$IMAGE" .
+kind load docker-image "$IMAGE" --name "$CLUSTER"
+
+step "installing randport"
+sed "s#ghcr.io/randport/randport:latest#$IMAGE#" deploy/randport.yaml | kubectl apply -f -
+kubectl -n kube-system rollout status daemonset/randport --timeout=180s
+minor="$(kubectl version -o json | python3 -c 'import json,sys; print(int("".join(c for c in json.load(sys.stdin)["serverVersion"]["minor"] if c.isdigit())))')"
+if [ "$minor" -ge 30 ]; then
+    kubectl apply -f deploy/admission-policy.yaml
+    export RANDPORT_E2E_POLICY=1
+    sleep 2 # the policy reaches the API server's admission a moment later
+else
+    echo "Kubernetes 1.$minor: no ValidatingAdmissionPolicy v1; the policy test skips"
+fi
+for node in $(kind get nodes --name "$CLUSTER"); do
+    docker exec "$node" grep -q '"type": "randport"' /etc/cni/net.d/10-kindnet.conflist \
+        || { echo "node $node: randport is not in its conflist" >&2; exit 1; }
+    docker exec "$node" test -x /opt/cni/bin/randport
+done
+
+step "end-to-end tests"
+RANDPORT_E2E=1 cargo nextest run -p randport-itests --test e2e --test-threads 1 --no-fail-fast
+
+step "uninstall"
+kubectl delete -f deploy/admission-policy.yaml --ignore-not-found
+sed "s#ghcr.io/randport/randport:latest#$IMAGE#" deploy/randport.yaml | kubectl delete -f - --wait
+kubectl -n kube-system wait --for=delete pod -l app.kubernetes.io/name=randport --timeout=60s
+sed "s#ghcr.io/randport/randport:latest#$IMAGE#" deploy/uninstall.yaml | kubectl apply -f -
+kubectl -n kube-system rollout status daemonset/randport-uninstall --timeout=120s
+for node in $(kind get nodes --name "$CLUSTER"); do
+    if docker exec "$node" grep -q randport /etc/cni/net.d/10-kindnet.conflist; then
+        echo "node $node: randport is still in its conflist" >&2; exit 1
+    fi
+    docker exec "$node" test ! -e /opt/cni/bin/randport
+    if docker exec "$node" nft list table inet randport >/dev/null 2>&1; then
+        echo "node $node: the randport table is still there" >&2; exit 1
+    fi
+done
+sed "s#ghcr.io/randport/randport:latest#$IMAGE#" deploy/uninstall.yaml | kubectl delete -f -
+# The cluster still works without randport: a pod starts.
+kubectl run rp-after-uninstall --image=registry.k8s.io/e2e-test-images/agnhost:2.53 \
+    --restart=Never -- serve-hostname
+kubectl wait --for=condition=Ready pod/rp-after-uninstall --timeout=120s
+step "kind e2e passed"

@@ -1,0 +1,253 @@
+//! Root-only: `randportd install` and `uninstall` on a node's CNI directories (temporary
+//! ones) and firewall (a fresh network namespace). Install is idempotent and leaves the
+//! network plugin's entries as they were; a running agent puts its entry back when the
+//! network plugin rewrites its conflist (kindnet does on every start); uninstall refuses
+//! while an agent answers, then removes our entry, the binary, our nftables table and the
+//! records, and nothing else.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use randport_itests::{Netns, TestNetns, root_and_tools_or_skip, test_netns};
+use serde_json::Value;
+
+/// kindnet's conflist as kind writes it.
+const KINDNET: &str = r#"{
+	"cniVersion": "0.3.1",
+	"name": "kindnet",
+	"plugins": [
+	{
+		"type": "ptp",
+		"ipMasq": false,
+		"ipam": {
+			"type": "host-local",
+			"dataDir": "/run/cni-ipam-state",
+			"routes": [ { "dst": "0.0.0.0/0" } ],
+			"ranges": [ [ { "subnet": "10.244.1.0/24" } ] ]
+		},
+		"mtu": 1500
+	},
+	{
+		"type": "portmap",
+		"capabilities": { "portMappings": true }
+	}
+	]
+}
+"#;
+
+struct Node {
+    ns: Netns,
+    dir: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Node {
+    fn new() -> Node {
+        let ns = test_netns("install");
+        ns.lo_up().unwrap();
+        let dir = std::env::temp_dir().join(format!("randport-install-{}", ns.name()));
+        for sub in ["bin", "conf", "pods", "state"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        std::fs::write(dir.join("conf/10-kindnet.conflist"), KINDNET).unwrap();
+        Node { ns, dir }
+    }
+
+    fn conflist(&self) -> PathBuf {
+        self.dir.join("conf/10-kindnet.conflist")
+    }
+
+    fn types(&self) -> Vec<String> {
+        let value: Value =
+            serde_json::from_slice(&std::fs::read(self.conflist()).unwrap()).unwrap();
+        value["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["type"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn dirs(&self) -> Vec<String> {
+        let path = |p: &str| self.dir.join(p).display().to_string();
+        vec![
+            "--cni-bin-dir".into(),
+            path("bin"),
+            "--cni-conf-dir".into(),
+            path("conf"),
+        ]
+    }
+
+    fn common(&self) -> Vec<String> {
+        let path = |p: &str| self.dir.join(p).display().to_string();
+        vec![
+            "--socket".into(),
+            path("randportd.sock"),
+            "--state-dir".into(),
+            path("state"),
+        ]
+    }
+
+    /// `randportd <args>` inside the node's namespace.
+    fn randportd(&self, args: &[&str], subcommand_args: &[String]) -> Output {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                self.ns.name(),
+                env!("CARGO_BIN_EXE_randportd"),
+            ])
+            .args(self.common())
+            .args(args)
+            .args(subcommand_args)
+            .output()
+            .unwrap()
+    }
+
+    fn agent(&self) -> Agent {
+        let log = std::fs::File::create(self.dir.join("agent.log")).unwrap();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                self.ns.name(),
+                env!("CARGO_BIN_EXE_randportd"),
+            ])
+            .args(self.common())
+            .args(["--node-name", "node-0", "--metrics-addr", "off"])
+            .arg("--pods")
+            .arg(format!("dir:{}", self.dir.join("pods").display()))
+            .arg("--cni-conf-dir")
+            .arg(self.dir.join("conf"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let agent = Agent(child);
+        self.wait("the agent to answer", Duration::from_secs(10), || {
+            Command::new(env!("CARGO_BIN_EXE_randportd"))
+                .arg("list")
+                .arg("--socket")
+                .arg(self.dir.join("randportd.sock"))
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        agent
+    }
+
+    fn wait(&self, what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; agent log:\n{}",
+                std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn has_table(&self) -> bool {
+        self.ns
+            .out("nft", &["list", "table", "inet", "randport"], "")
+            .status
+            .success()
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn install_keep_and_uninstall_on_a_node() {
+    if !root_and_tools_or_skip("install_keep_and_uninstall_on_a_node", &["nft", "ip"]) {
+        return;
+    }
+    let node = Node::new();
+    let plugin = env!("CARGO_BIN_EXE_randport");
+    let binary = vec!["--binary".to_owned(), plugin.to_owned()];
+    let install = |extra: &[String]| {
+        let mut args = binary.clone();
+        args.extend(node.dirs());
+        args.extend(extra.iter().cloned());
+        node.randportd(&["install"], &args)
+    };
+
+    let first = install(&[]);
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(
+        text(&first).contains("added randport to"),
+        "{}",
+        text(&first)
+    );
+    assert_eq!(node.types(), ["ptp", "portmap", "randport"]);
+    assert_eq!(
+        std::fs::read(node.dir.join("bin/randport")).unwrap(),
+        std::fs::read(plugin).unwrap()
+    );
+    let installed = std::fs::read(node.conflist()).unwrap();
+    let again = install(&[]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(text(&again).contains("already in"), "{}", text(&again));
+    assert_eq!(
+        std::fs::read(node.conflist()).unwrap(),
+        installed,
+        "idempotent"
+    );
+
+    // The agent keeps its entry: the network plugin rewrites its file, the entry returns.
+    let agent = node.agent();
+    std::fs::write(node.conflist(), KINDNET).unwrap();
+    node.wait("the entry to come back", Duration::from_secs(8), || {
+        node.types() == ["ptp", "portmap", "randport"]
+    });
+    assert!(node.has_table(), "the agent made its table");
+
+    // Uninstall refuses while the agent runs (it would put the entry back).
+    let refused = node.randportd(&["uninstall"], &node.dirs());
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("stop it first"),
+        "{}",
+        text(&refused)
+    );
+    assert_eq!(node.types(), ["ptp", "portmap", "randport"]);
+
+    drop(agent);
+    std::fs::write(node.dir.join("state/leftover.json"), "{}").unwrap();
+    let removed = node.randportd(&["uninstall"], &node.dirs());
+    assert!(removed.status.success(), "{}", text(&removed));
+    let original: Value = serde_json::from_str(KINDNET).unwrap();
+    let now: Value = serde_json::from_slice(&std::fs::read(node.conflist()).unwrap()).unwrap();
+    assert_eq!(
+        now, original,
+        "the network plugin's entries are as they were"
+    );
+    assert!(!Path::new(&node.dir.join("bin/randport")).exists());
+    assert!(!node.has_table(), "the table is gone");
+    assert!(!node.dir.join("state").exists(), "the records are gone");
+
+    // Twice is fine.
+    let again = node.randportd(&["uninstall"], &node.dirs());
+    assert!(again.status.success(), "{}", text(&again));
+}
