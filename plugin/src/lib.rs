@@ -15,6 +15,7 @@ pub mod conntrack;
 pub mod firewall;
 pub mod holder;
 pub mod install;
+#[cfg(feature = "kube")]
 pub mod kube_pods;
 pub mod metrics;
 pub mod node_ports;

@@ -6,6 +6,7 @@
 //! The mock serves pods from memory: a LIST (the watch's first sync), a streaming WATCH
 //! that sees later changes, GET, PATCH (a real RFC 7386 merge, with the uid precondition
 //! the API server applies) and POST of Events. Failures are injected per request.
+#![cfg(feature = "kube")]
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;

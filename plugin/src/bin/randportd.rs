@@ -14,6 +14,7 @@ use randport_plugin::conntrack::NetlinkConntrack;
 use randport_plugin::firewall::{self, Backend, IptablesFirewall, NftFirewall};
 use randport_plugin::holder::SocketHolder;
 use randport_plugin::install;
+#[cfg(feature = "kube")]
 use randport_plugin::kube_pods::{KubePodSource, KubeSettings};
 use randport_plugin::node_ports::{NodePorts, overlap_warning};
 use randport_plugin::pods::{DirPodSource, PodSource};
@@ -275,11 +276,16 @@ fn run_agent(cli: Cli) -> Result<()> {
         Some(("dir", path)) if !path.is_empty() => {
             Box::new(DirPodSource::new(path, &cli.annotation, &node_name))
         }
+        #[cfg(feature = "kube")]
         _ if cli.pods == "kube" => Box::new(
             KubePodSource::connect(KubeSettings::new(&node_name, &cli.annotation))
                 .map_err(anyhow::Error::msg)
                 .context("--pods kube")?,
         ),
+        #[cfg(not(feature = "kube"))]
+        _ if cli.pods == "kube" => {
+            bail!("--pods kube: this randportd was built without the kube feature")
+        }
         _ => bail!("--pods {:?}: use kube or dir:PATH", cli.pods),
     };
     if let Some(dir) = &cli.cni_conf_dir {
