@@ -153,11 +153,7 @@ async fn wait_mapped(client: &Client, ns: &str, app: &str, count: usize) -> Vec<
                 continue;
             }
             let name = pod.name_any();
-            let ready = pod
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let ready = is_ready(pod);
             let value = pod.annotations().get(KEY).cloned().unwrap_or_default();
             let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
             match (ready, decode(&PodRef::new(ns, &name), &value), node) {
@@ -186,6 +182,26 @@ async fn wait_mapped(client: &Client, ns: &str, app: &str, count: usize) -> Vec<
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A client, a namespace for `purpose`, and a Deployment `web` of `replicas` in it, once
+/// every replica runs with its ports written.
+async fn deploy(purpose: &str, replicas: usize) -> (Client, TestNamespace, Vec<Mapped>) {
+    let client = Client::try_default().await.unwrap();
+    let ns = TestNamespace::create(&client, purpose).await;
+    Api::<Deployment>::namespaced(client.clone(), &ns.name)
+        .create(&PostParams::default(), &deployment("web", replicas as i32))
+        .await
+        .unwrap();
+    let pods = wait_mapped(&client, &ns.name, "web", replicas).await;
+    (client, ns, pods)
 }
 
 /// What `addr` answers to an HTTP GET (agnhost: the pod's name), or why it did not.
@@ -240,13 +256,7 @@ async fn every_replica_gets_valid_json_and_answers_with_its_name_at_its_host_por
     {
         return;
     }
-    let client = Client::try_default().await.unwrap();
-    let ns = TestNamespace::create(&client, "replicas").await;
-    Api::<Deployment>::namespaced(client.clone(), &ns.name)
-        .create(&PostParams::default(), &deployment("web", 4))
-        .await
-        .unwrap();
-    let pods = wait_mapped(&client, &ns.name, "web", 4).await;
+    let (_client, _ns, pods) = deploy("replicas", 4).await;
     let mut seen = std::collections::HashSet::new();
     for pod in &pods {
         check_entries(pod);
@@ -264,13 +274,8 @@ async fn a_recreated_pod_gets_a_fresh_mapping_and_the_old_port_stops_answering()
     if !cluster_or_skip("a_recreated_pod_gets_a_fresh_mapping_and_the_old_port_stops_answering") {
         return;
     }
-    let client = Client::try_default().await.unwrap();
-    let ns = TestNamespace::create(&client, "recreate").await;
-    Api::<Deployment>::namespaced(client.clone(), &ns.name)
-        .create(&PostParams::default(), &deployment("web", 1))
-        .await
-        .unwrap();
-    let old = wait_mapped(&client, &ns.name, "web", 1).await.remove(0);
+    let (client, ns, mut pods) = deploy("recreate", 1).await;
+    let old = pods.remove(0);
     assert_eq!(answers(old.addr()).await.as_deref(), Ok(old.name.as_str()));
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
@@ -308,13 +313,7 @@ async fn restarting_the_agents_keeps_the_existing_mappings_working() {
     if !cluster_or_skip("restarting_the_agents_keeps_the_existing_mappings_working") {
         return;
     }
-    let client = Client::try_default().await.unwrap();
-    let ns = TestNamespace::create(&client, "restart").await;
-    Api::<Deployment>::namespaced(client.clone(), &ns.name)
-        .create(&PostParams::default(), &deployment("web", 3))
-        .await
-        .unwrap();
-    let before = wait_mapped(&client, &ns.name, "web", 3).await;
+    let (client, ns, before) = deploy("restart", 3).await;
 
     let agents: Api<Pod> = Api::namespaced(client.clone(), AGENT_NS);
     let old_agents: Vec<String> = agents
@@ -352,12 +351,7 @@ async fn restarting_the_agents_keeps_the_existing_mappings_working() {
             .items
             .iter()
             .filter(|p| !old_agents.contains(&p.uid().unwrap_or_default()))
-            .filter(|p| {
-                p.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-            })
+            .filter(|p| is_ready(p))
             .count();
         if ready_new >= old_agents.len() {
             break;
@@ -406,12 +400,7 @@ async fn the_agents_identity_may_change_only_its_nodes_pods_and_only_the_annotat
         );
         return;
     }
-    let ns = TestNamespace::create(&client, "policy").await;
-    Api::<Deployment>::namespaced(client.clone(), &ns.name)
-        .create(&PostParams::default(), &deployment("web", 2))
-        .await
-        .unwrap();
-    let pods = wait_mapped(&client, &ns.name, "web", 2).await;
+    let (_, ns, pods) = deploy("policy", 2).await;
     let pod_api: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
 
     let first = pod_api.get(&pods[0].name).await.unwrap();

@@ -227,36 +227,7 @@ mod tests {
     use super::*;
 
     /// kindnet's conflist as kind writes it (whitespace and all).
-    const KINDNET: &str = r#"
-{
-	"cniVersion": "0.3.1",
-	"name": "kindnet",
-	"plugins": [
-	{
-		"type": "ptp",
-		"ipMasq": false,
-		"ipam": {
-			"type": "host-local",
-			"dataDir": "/run/cni-ipam-state",
-			"routes": [
-				{ "dst": "0.0.0.0/0" }
-			],
-			"ranges": [
-				[ { "subnet": "10.244.1.0/24" } ]
-			]
-		}
-		,
-		"mtu": 1500
-	},
-	{
-		"type": "portmap",
-		"capabilities": {
-			"portMappings": true
-		}
-	}
-	]
-}
-"#;
+    const KINDNET: &str = include_str!("../tests/data/10-kindnet.conflist");
 
     fn dir_with(files: &[(&str, &str)]) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(

@@ -13,28 +13,7 @@ use randport_itests::{Netns, TestNetns, root_and_tools_or_skip, test_netns};
 use serde_json::Value;
 
 /// kindnet's conflist as kind writes it.
-const KINDNET: &str = r#"{
-	"cniVersion": "0.3.1",
-	"name": "kindnet",
-	"plugins": [
-	{
-		"type": "ptp",
-		"ipMasq": false,
-		"ipam": {
-			"type": "host-local",
-			"dataDir": "/run/cni-ipam-state",
-			"routes": [ { "dst": "0.0.0.0/0" } ],
-			"ranges": [ [ { "subnet": "10.244.1.0/24" } ] ]
-		},
-		"mtu": 1500
-	},
-	{
-		"type": "portmap",
-		"capabilities": { "portMappings": true }
-	}
-	]
-}
-"#;
+const KINDNET: &str = include_str!("data/10-kindnet.conflist");
 
 struct Node {
     ns: Netns,
@@ -103,16 +82,23 @@ impl Node {
         ]
     }
 
-    /// `randportd <args>` inside the node's namespace.
-    fn randportd(&self, args: &[&str], subcommand_args: &[String]) -> Output {
-        Command::new("ip")
+    /// `randportd` inside the node's namespace, with its socket and state directory.
+    fn command(&self) -> Command {
+        let mut command = Command::new("ip");
+        command
             .args([
                 "netns",
                 "exec",
                 self.ns.name(),
                 env!("CARGO_BIN_EXE_randportd"),
             ])
-            .args(self.common())
+            .args(self.common());
+        command
+    }
+
+    /// `randportd <args>` inside the node's namespace.
+    fn randportd(&self, args: &[&str], subcommand_args: &[String]) -> Output {
+        self.command()
             .args(args)
             .args(subcommand_args)
             .output()
@@ -121,14 +107,8 @@ impl Node {
 
     fn agent(&self) -> Agent {
         let log = std::fs::File::create(self.dir.join("agent.log")).unwrap();
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                self.ns.name(),
-                env!("CARGO_BIN_EXE_randportd"),
-            ])
-            .args(self.common())
+        let child = self
+            .command()
             .args(["--node-name", "node-0", "--metrics-addr", "off"])
             .arg("--pods")
             .arg(format!("dir:{}", self.dir.join("pods").display()))
