@@ -2,7 +2,8 @@
 //! ones) and firewall (a fresh network namespace). Install is idempotent and leaves the
 //! network plugin's entries as they were; a running agent puts its entry back when the
 //! network plugin rewrites its conflist (kindnet does on every start); uninstall refuses
-//! while an agent answers, then removes our entry, the binary, our nftables table and the
+//! while an agent answers, SIGTERM stops the agent at once and leaves its rules, and
+//! uninstall then removes our entry, the binary, our nftables table and the
 //! records, and nothing else.
 
 use std::path::{Path, PathBuf};
@@ -213,6 +214,30 @@ fn install_keep_and_uninstall_on_a_node() {
     );
     assert_eq!(node.types(), ["ptp", "portmap", "randport"]);
 
+    // SIGTERM (what the kubelet sends): the agent exits at once, cleanly, and leaves its
+    // rules for the next agent.
+    let mut agent = agent;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = agent.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "SIGTERM did not stop the agent"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        status.success(),
+        "the agent did not exit cleanly: {status:?}"
+    );
+    assert!(node.has_table(), "the rules stay after SIGTERM");
     drop(agent);
     std::fs::write(node.dir.join("state/leftover.json"), "{}").unwrap();
     let removed = node.randportd(&["uninstall"], &node.dirs());

@@ -264,7 +264,27 @@ fn table(records: &[SandboxRecord]) -> String {
     out
 }
 
+/// Exits at once on SIGTERM or SIGINT. The mappings stay: the rules, and the records the
+/// next agent restores. Without this, the agent as PID 1 of its container would ignore the
+/// kubelet's SIGTERM and be killed only after the grace period. Call before any thread
+/// starts, so that every thread blocks the signals and this one takes them.
+fn exit_on_termination() -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block().context("blocking SIGTERM and SIGINT")?;
+    std::thread::spawn(move || {
+        if let Ok(signal) = set.wait() {
+            eprintln!("randportd: {signal}: exiting; the mappings stay for the next agent");
+            std::process::exit(0);
+        }
+    });
+    Ok(())
+}
+
 fn run_agent(cli: Cli) -> Result<()> {
+    exit_on_termination()?;
     let node_name = match cli.node_name {
         Some(name) => name,
         None => nix::unistd::gethostname()
