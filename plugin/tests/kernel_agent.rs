@@ -3,6 +3,8 @@
 //! UDP through nodeIP:hostPort reach the right pod, stop after DEL, survive an agent
 //! restart, and come back within 2 s after someone flushes our rules.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -204,31 +206,7 @@ impl Cluster {
             "prevResult": {"cniVersion": "1.1.0", "interfaces": [{"name": "eth0"}],
                            "ips": [{"address": format!("198.18.{pod_index}.2/24"), "gateway": format!("198.18.{pod_index}.1")}]}
         });
-        let mut child = Command::new(env!("CARGO_BIN_EXE_randport"))
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", sandbox)
-            .env("CNI_NETNS", "/run/netns/unused")
-            .env("CNI_IFNAME", "eth0")
-            .env(
-                "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod}"),
-            )
-            .env("CNI_PATH", "/opt/cni/bin")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
+        common::run_plugin(command, sandbox, pod, "", &conf)
     }
 
     fn add(&self, pod: &str) -> (u16, u16) {

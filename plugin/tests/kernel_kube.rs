@@ -5,6 +5,8 @@
 //! writes the annotation with a merge patch; when the API refuses the write, the ADD fails
 //! with code 104, nothing stays mapped, and a `PortMappingFailed` Event is posted.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -248,30 +250,12 @@ impl Setup {
             "prevResult": {"cniVersion": "1.1.0", "interfaces": [{"name": "eth0"}],
                            "ips": [{"address": "198.18.0.2/24"}]}
         });
-        let mut child = Command::new(env!("CARGO_BIN_EXE_randport"))
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", sandbox)
-            .env("CNI_NETNS", "/run/netns/unused")
-            .env("CNI_IFNAME", "eth0")
-            .env(
-                "CNI_ARGS",
-                format!("K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod};K8S_POD_UID=uid-{pod}"),
-            )
-            .env("CNI_PATH", "/opt/cni/bin")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
+        common::run_plugin(
+            command,
+            sandbox,
+            pod,
+            &format!(";K8S_POD_UID=uid-{pod}"),
+            &conf,
         )
     }
 }
