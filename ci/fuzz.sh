@@ -9,7 +9,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 export RUSTC_BOOTSTRAP=1
-cd fuzz
+cd fuzz || exit 1
 for target in annotation_decode cni_config agent_request; do
     step "fuzzing $target for ${seconds}s"
     cargo fuzz run "$target" -- -max_total_time="$seconds" -timeout=10

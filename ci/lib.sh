@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the scripts in ci/: source it, do not run it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,6 +29,16 @@ ensure_nextest() {
 }
 
 # check-jsonschema (PyPI), which carries GitHub's workflow schema, for the workflow check.
+# Installs shellcheck when missing: it checks the scripts in ci/, the kind script above all
+# (nothing else runs that one on a machine without Docker).
+ensure_shellcheck() {
+    command -v shellcheck >/dev/null && return 0
+    [ "$(id -u)" -eq 0 ] || { echo "shellcheck is missing: apt-get install shellcheck" >&2; return 1; }
+    step "installing shellcheck (apt)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends shellcheck >/dev/null
+}
+
 ensure_check_jsonschema() {
     local scripts
     scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)"

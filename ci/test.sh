@@ -14,6 +14,10 @@ step "workflow files against GitHub's workflow schema (check-jsonschema)"
 ensure_check_jsonschema
 check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 
+step "shell scripts (shellcheck)"
+ensure_shellcheck
+shellcheck -x -P SCRIPTDIR ci/*.sh .ci/run
+
 step "format check"
 cargo fmt --all --check
 
