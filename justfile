@@ -8,7 +8,7 @@ default:
 demo *ARGS:
     ci/demo.sh {{ARGS}}
 
-# Everything that can run here: format check, clippy -D warnings, nextest, doctests.
+# Everything that can run here: workflow schema, shellcheck, fmt, clippy -D warnings, doctests, fuzz smoke, nextest.
 test:
     ci/test.sh
 

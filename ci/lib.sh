@@ -28,7 +28,6 @@ ensure_nextest() {
     cargo install cargo-nextest --locked
 }
 
-# check-jsonschema (PyPI), which carries GitHub's workflow schema, for the workflow check.
 # Installs shellcheck when missing: it checks the scripts in ci/, the kind script above all
 # (nothing else runs that one on a machine without Docker).
 ensure_shellcheck() {
@@ -39,6 +38,7 @@ ensure_shellcheck() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends shellcheck >/dev/null
 }
 
+# check-jsonschema (PyPI), which carries GitHub's workflow schema, for the workflow check.
 ensure_check_jsonschema() {
     local scripts
     scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)"
