@@ -47,6 +47,12 @@ kind create cluster --name "$CLUSTER" --config kind-configs/cluster.yaml \
 
 step "building $IMAGE and loading it into the nodes"
 docker build -t "$IMAGE" .
+size_mb=$(( $(docker image inspect -f '{{.Size}}' "$IMAGE") / 1000000 ))
+echo "image $IMAGE: $size_mb MB"
+if [ "$size_mb" -gt 64 ]; then
+    echo "the image is $size_mb MB; it should be well under 64 MB (are the binaries stripped?)" >&2
+    exit 1
+fi
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 
 step "installing randport"
