@@ -227,6 +227,46 @@ fn localhost_access_serves_the_node_and_no_other_host() {
     std::thread::sleep(Duration::from_millis(1200));
     let log = std::fs::read_to_string(c.nodes[0].log()).unwrap();
     assert!(!log.contains("re-applied"), "spurious repair:\n{log}");
+
+    // Switched off, the agent turns route_localnet off again: it was off in the new
+    // namespace and the agent turned it on.
+    let route_localnet = |c: &Cluster| {
+        c.nodes[0]
+            .ns
+            .run_ok("sysctl", &["-n", "net.ipv4.conf.all.route_localnet"], "")
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(route_localnet(&c), "1");
+    let restart = |c: &mut Cluster, localhost_access: bool| {
+        c.kill_agent(0);
+        c.spec.localhost_access = localhost_access;
+        c.start_agent(0).unwrap_or_else(|e| panic!("{e:#}"));
+    };
+    restart(&mut c, false);
+    assert_eq!(route_localnet(&c), "0");
+    let log = std::fs::read_to_string(c.nodes[0].log()).unwrap();
+    assert!(log.contains("route_localnet back to 0"), "{log}");
+    // Unless kube-proxy's rule for it shows that kube-proxy relies on it too.
+    restart(&mut c, true);
+    assert_eq!(route_localnet(&c), "1");
+    c.nodes[0]
+        .ns
+        .run_ok(
+            "iptables-restore",
+            &["--noflush"],
+            "*filter\n:KUBE-FIREWALL - [0:0]\n-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 \
+             -m comment --comment \"block incoming localnet connections\" -j DROP\nCOMMIT\n",
+        )
+        .unwrap();
+    restart(&mut c, false);
+    assert_eq!(route_localnet(&c), "1");
+    let log = std::fs::read_to_string(c.nodes[0].log()).unwrap();
+    assert!(
+        log.contains("kube-proxy's localhost NodePorts use it"),
+        "{log}"
+    );
 }
 
 /// The packets a listing's `counter packets N` shows (0 without a counter).

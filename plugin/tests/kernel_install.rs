@@ -111,6 +111,8 @@ impl Node {
         let child = self
             .command()
             .args(["--node-name", "node-0", "--metrics-addr", "off"])
+            // Turns route_localnet on in the namespace; uninstall turns it off again.
+            .arg("--localhost-access")
             .arg("--pods")
             .arg(format!("dir:{}", self.dir.join("pods").display()))
             .arg("--cni-conf-dir")
@@ -240,8 +242,18 @@ fn install_keep_and_uninstall_on_a_node() {
     assert!(node.has_table(), "the rules stay after SIGTERM");
     drop(agent);
     std::fs::write(node.dir.join("state/leftover.json"), "{}").unwrap();
+    let route_localnet = || {
+        node.ns
+            .run_ok("sysctl", &["-n", "net.ipv4.conf.all.route_localnet"], "")
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(route_localnet(), "1", "--localhost-access turned it on");
     let removed = node.randportd(&["uninstall"], &node.dirs());
     assert!(removed.status.success(), "{}", text(&removed));
+    assert_eq!(route_localnet(), "0", "{}", text(&removed));
+    assert!(text(&removed).contains("back to 0"), "{}", text(&removed));
     let original: Value = serde_json::from_str(KINDNET).unwrap();
     let now: Value = serde_json::from_slice(&std::fs::read(node.conflist()).unwrap()).unwrap();
     assert_eq!(

@@ -212,6 +212,18 @@ fn uninstall_from_node(
             ),
         }
     }
+    let sysctl_dir = std::path::Path::new(randport_plugin::node_ports::DEFAULT_SYSCTL_DIR);
+    match firewall::restore_route_localnet(
+        sysctl_dir,
+        state_dir,
+        firewall::kube_proxy_uses_route_localnet,
+    ) {
+        Ok(Some(said)) => println!("{said}"),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("randportd: warning: undoing route_localnet=1 of --localhost-access: {e}")
+        }
+    }
     match std::fs::remove_dir_all(state_dir) {
         Ok(()) => println!("removed {}", state_dir.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -318,16 +330,31 @@ fn run_agent(cli: Cli) -> Result<()> {
         let (dir, socket) = (dir.clone(), cli.socket.clone());
         std::thread::spawn(move || keep_conflist_entry(&dir, &socket));
     }
+    let state = DirStateStore::open(&cli.state_dir)?;
+    let sysctl_dir = std::path::Path::new(randport_plugin::node_ports::DEFAULT_SYSCTL_DIR);
     if cli.localhost_access {
         if cli.firewall != Backend::Nftables {
             bail!(
                 "--localhost-access needs --firewall nftables (its guard against CVE-2020-8558 is an nft chain)"
             );
         }
-        firewall::enable_route_localnet(std::path::Path::new(
-            randport_plugin::node_ports::DEFAULT_SYSCTL_DIR,
-        ))
-        .context("setting net.ipv4.conf.all.route_localnet=1 for --localhost-access")?;
+        if firewall::enable_route_localnet(sysctl_dir, &cli.state_dir)
+            .context("setting net.ipv4.conf.all.route_localnet=1 for --localhost-access")?
+        {
+            eprintln!("randportd: set net.ipv4.conf.all.route_localnet=1 for --localhost-access");
+        }
+    } else {
+        match firewall::restore_route_localnet(
+            sysctl_dir,
+            &cli.state_dir,
+            firewall::kube_proxy_uses_route_localnet,
+        ) {
+            Ok(Some(said)) => eprintln!("randportd: {said}"),
+            Ok(None) => {}
+            Err(e) => eprintln!(
+                "randportd: warning: undoing route_localnet=1 of an earlier --localhost-access: {e}"
+            ),
+        }
     }
     let node = NodePorts::default();
     let reserved = node.reserved().unwrap_or_else(|e| {
@@ -364,7 +391,7 @@ fn run_agent(cli: Cli) -> Result<()> {
         firewall: firewall::backend(cli.firewall, cli.localhost_access),
         holder: Box::new(SocketHolder),
         conntrack: Box::new(NetlinkConntrack),
-        state: Box::new(DirStateStore::open(&cli.state_dir)?),
+        state: Box::new(state),
         pods,
     };
     let agent = Arc::new(Agent::new(config, fx));
