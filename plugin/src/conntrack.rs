@@ -158,13 +158,12 @@ impl ConntrackQueue {
 pub struct NetlinkConntrack;
 
 mod nl {
-    //! Just enough netlink and ctnetlink to dump the table and delete entries.
+    //! ctnetlink: just enough to dump the table and delete entries.
 
-    pub const NLM_F_REQUEST: u16 = 0x1;
-    pub const NLM_F_ACK: u16 = 0x4;
-    pub const NLM_F_DUMP: u16 = 0x300;
-    pub const NLMSG_ERROR: u16 = 2;
-    pub const NLMSG_DONE: u16 = 3;
+    pub(crate) use crate::netlink::{
+        NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attrs, find, message,
+        messages,
+    };
     /// NFNL_SUBSYS_CTNETLINK << 8.
     pub const CTNETLINK: u16 = 1 << 8;
     pub const IPCTNL_MSG_CT_NEW: u16 = 0;
@@ -177,53 +176,6 @@ mod nl {
     pub const CTA_IP_V6_DST: u16 = 4;
     pub const CTA_PROTO_NUM: u16 = 1;
     pub const CTA_PROTO_DST_PORT: u16 = 3;
-
-    /// A netlink message with an nfgenmsg header for `family` and `payload` attributes.
-    pub fn message(kind: u16, flags: u16, seq: u32, family: u8, payload: &[u8]) -> Vec<u8> {
-        let len = 16 + 4 + payload.len();
-        let mut b = Vec::with_capacity(len);
-        b.extend((len as u32).to_ne_bytes());
-        b.extend(kind.to_ne_bytes());
-        b.extend(flags.to_ne_bytes());
-        b.extend(seq.to_ne_bytes());
-        b.extend(0u32.to_ne_bytes());
-        b.extend([family, 0, 0, 0]);
-        b.extend(payload);
-        b
-    }
-
-    /// The messages in a buffer: (type, flags-free body after the netlink header).
-    pub fn messages(mut buf: &[u8]) -> Vec<(u16, &[u8])> {
-        let mut out = Vec::new();
-        while buf.len() >= 16 {
-            let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-            if len < 16 || len > buf.len() {
-                break;
-            }
-            out.push((u16::from_ne_bytes([buf[4], buf[5]]), &buf[16..len]));
-            buf = &buf[((len + 3) & !3).min(buf.len())..];
-        }
-        out
-    }
-
-    /// The attributes in `buf`: (type without flag bits, whole attribute, payload).
-    pub fn attrs(mut buf: &[u8]) -> Vec<(u16, &[u8], &[u8])> {
-        let mut out = Vec::new();
-        while buf.len() >= 4 {
-            let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
-            if len < 4 || len > buf.len() {
-                break;
-            }
-            let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
-            out.push((kind, &buf[..len], &buf[4..len]));
-            buf = &buf[((len + 3) & !3).min(buf.len())..];
-        }
-        out
-    }
-
-    pub fn find<'a>(attrs: &[(u16, &'a [u8], &'a [u8])], kind: u16) -> Option<&'a [u8]> {
-        attrs.iter().find(|a| a.0 == kind).map(|a| a.2)
-    }
 }
 
 impl NetlinkConntrack {
@@ -266,9 +218,7 @@ impl NetlinkConntrack {
                 match kind {
                     nl::NLMSG_DONE => return Ok(found),
                     nl::NLMSG_ERROR => {
-                        let errno = body
-                            .get(..4)
-                            .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                        let errno = crate::netlink::error_code(body);
                         if errno != 0 {
                             return Err(std::io::Error::from_raw_os_error(-errno));
                         }
@@ -315,23 +265,14 @@ impl NetlinkConntrack {
 
 impl Conntrack for NetlinkConntrack {
     fn flush(&self, key: PortKey, port: u16) -> Result<(), ConntrackError> {
-        use nix::sys::socket::{
-            AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto,
-            socket,
-        };
+        use nix::sys::socket::{MsgFlags, NetlinkAddr, recv, sendto};
         use std::os::fd::AsRawFd;
         let fail = |e: &dyn std::fmt::Display| ConntrackError {
             key,
             port,
             reason: format!("ctnetlink: {e}"),
         };
-        let sock = socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkNetFilter,
-        )
-        .map_err(|e| fail(&e))?;
+        let sock = crate::netlink::socket().map_err(|e| fail(&e))?;
         let entries = Self::matching(&sock, key, port).map_err(|e| fail(&e))?;
         let to = NetlinkAddr::new(0, 0);
         let mut buf = vec![0u8; 8192];
@@ -347,9 +288,7 @@ impl Conntrack for NetlinkConntrack {
             let n = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(|e| fail(&e))?;
             for (kind, body) in nl::messages(&buf[..n]) {
                 if kind == nl::NLMSG_ERROR {
-                    let errno = body
-                        .get(..4)
-                        .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                    let errno = crate::netlink::error_code(body);
                     // Gone already (it timed out meanwhile) is what we wanted.
                     if errno != 0 && -errno != nix::libc::ENOENT {
                         return Err(fail(&std::io::Error::from_raw_os_error(-errno)));

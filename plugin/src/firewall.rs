@@ -58,6 +58,12 @@ pub trait Firewall: Send + Sync {
     fn intact(&self, records: &[SandboxRecord]) -> Result<bool, FirewallError>;
     /// Removes everything we own (used to clean up after a switch of backend).
     fn teardown(&self) -> Result<(), FirewallError>;
+    /// A number that changes whenever any rule of the node may have changed (the nftables
+    /// ruleset generation), so that the watchdog can skip `intact` while it stays the
+    /// same; `None` when the backend has none (then every check lists the rules).
+    fn generation(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// Creates the backend.
@@ -306,6 +312,10 @@ impl Firewall for NftFirewall {
             &nft::teardown(&self.table),
         )
     }
+
+    fn generation(&self) -> Option<u32> {
+        crate::netlink::ruleset_generation().ok()
+    }
 }
 
 /// iptables: chains `RANDPORT-*` in the nat table, IPv4 and IPv6.
@@ -476,6 +486,22 @@ impl Firewall for IptablesFirewall {
         }
         Ok(())
     }
+
+    /// Only with the nf_tables flavour of iptables: the legacy one changes rules without
+    /// touching the nftables generation.
+    fn generation(&self) -> Option<u32> {
+        static NF_TABLES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let nf_tables = NF_TABLES.get_or_init(|| {
+            FAMILIES.iter().all(|family| {
+                run(tools(*family).1, &["--version"], "").is_ok_and(|v| v.contains("nf_tables"))
+            })
+        });
+        if *nf_tables {
+            crate::netlink::ruleset_generation().ok()
+        } else {
+            None
+        }
+    }
 }
 
 /// A firewall in memory that records every call; `fail_add` makes additions fail.
@@ -491,6 +517,8 @@ pub struct FakeFirewall {
     pub fail_for: Mutex<std::collections::HashSet<SandboxId>>,
     /// How long `add_many` takes, to let concurrent ADDs pile up.
     pub batch_delay: Mutex<std::time::Duration>,
+    /// What `generation` answers (`None` by default, as without a change counter).
+    pub generation: Mutex<Option<u32>>,
 }
 
 impl FakeFirewall {
@@ -591,6 +619,10 @@ impl Firewall for FakeFirewall {
         self.present().clear();
         Ok(())
     }
+
+    fn generation(&self) -> Option<u32> {
+        *self.generation.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl<T: Firewall + ?Sized> Firewall for std::sync::Arc<T> {
@@ -621,6 +653,9 @@ impl<T: Firewall + ?Sized> Firewall for std::sync::Arc<T> {
     }
     fn teardown(&self) -> Result<(), FirewallError> {
         (**self).teardown()
+    }
+    fn generation(&self) -> Option<u32> {
+        (**self).generation()
     }
 }
 

@@ -18,6 +18,7 @@ pub mod install;
 #[cfg(feature = "kube")]
 pub mod kube_pods;
 pub mod metrics;
+pub mod netlink;
 pub mod node_ports;
 pub mod pods;
 pub mod rpc;

@@ -69,6 +69,11 @@ pub struct Metrics {
     pub failures: Mutex<BTreeMap<&'static str, u64>>,
     /// Times the firewall was found flushed and re-applied.
     pub repairs: AtomicU64,
+    /// Watchdog checks that listed our rules.
+    pub checks: AtomicU64,
+    /// Watchdog checks skipped because no rule of the node had changed since the last
+    /// check that found ours in place.
+    pub checks_skipped: AtomicU64,
 }
 
 /// Point-in-time values the agent supplies when rendering.
@@ -167,6 +172,16 @@ impl Metrics {
             out,
             "randport_firewall_repairs_total {}",
             self.repairs.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP randport_firewall_checks_total Watchdog checks of our rules, by whether they listed the rules or were skipped (no rule of the node changed since the last good check).\n# TYPE randport_firewall_checks_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "randport_firewall_checks_total{{result=\"listed\"}} {}\nrandport_firewall_checks_total{{result=\"skipped\"}} {}",
+            self.checks.load(Ordering::Relaxed),
+            self.checks_skipped.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

@@ -563,6 +563,56 @@ fn repair_reapplies_a_flushed_firewall() {
 }
 
 #[test]
+fn the_watchdog_skips_checks_while_no_rule_and_no_record_changed() {
+    let node = started("20000-20099");
+    let checks = |node: &Node| {
+        let m = &node.agent.metrics;
+        (
+            m.checks.load(std::sync::atomic::Ordering::Relaxed),
+            m.checks_skipped.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    };
+    // Without a generation every round lists the rules.
+    assert!(!node.agent.repair().unwrap());
+    assert!(!node.agent.repair().unwrap());
+    assert_eq!(checks(&node), (2, 0));
+
+    *node.firewall.generation.lock().unwrap() = Some(7);
+    assert!(!node.agent.repair().unwrap());
+    assert!(!node.agent.repair().unwrap());
+    assert!(!node.agent.repair().unwrap());
+    assert_eq!(checks(&node), (3, 2), "one listing, then skips");
+
+    // A new generation (somebody changed a rule somewhere) means a listing.
+    *node.firewall.generation.lock().unwrap() = Some(8);
+    assert!(!node.agent.repair().unwrap());
+    assert_eq!(checks(&node), (4, 2));
+
+    // New records mean a listing too, even if the generation were the same.
+    node.pods.put(pod("web-0", Some(""), web_ports()));
+    node.agent
+        .add(&add_req("web-0", "sb1", "198.18.0.5"))
+        .unwrap();
+    assert!(!node.agent.repair().unwrap());
+    assert_eq!(checks(&node), (5, 2));
+
+    // A flush that the generation shows is repaired, and the repair is checked again.
+    node.firewall.teardown().unwrap();
+    *node.firewall.generation.lock().unwrap() = Some(9);
+    assert!(node.agent.repair().unwrap());
+    assert!(!node.agent.repair().unwrap());
+    assert_eq!(checks(&node), (7, 2));
+    assert!(!node.agent.repair().unwrap());
+    assert_eq!(checks(&node), (7, 3));
+    let page = node.agent.metrics.render(node.agent.gauges());
+    assert!(
+        page.contains("randport_firewall_checks_total{result=\"listed\"} 7")
+            && page.contains("randport_firewall_checks_total{result=\"skipped\"} 3"),
+        "{page}"
+    );
+}
+
+#[test]
 fn handle_counts_requests_and_failures() {
     let node = started("20000-20099");
     node.pods.put(pod("web-0", Some(""), web_ports()));

@@ -17,6 +17,8 @@ use randport_itests::{Netns, TestNetns, root_and_tools_or_skip, test_netns};
 use serde_json::{Value, json};
 
 const NODE_IP: &str = "192.0.2.1";
+/// The agent's metrics, on the node namespace's loopback.
+const METRICS: &str = "127.0.0.1:9740";
 
 /// A running agent, killed (by its own pid) when dropped.
 struct AgentProcess {
@@ -152,7 +154,7 @@ impl Cluster {
                 "--port-range",
                 "20000-20999",
                 "--metrics-addr",
-                "off",
+                METRICS,
             ])
             .args(["--repair-interval-ms", "300", "--firewall", self.backend])
             .arg("--pods")
@@ -406,6 +408,36 @@ fn restart_keeps_connections_and_flushes_are_repaired(backend: &'static str) {
     assert_eq!(line.trim(), "still there");
     assert_eq!(cluster.host_ports("pod-a"), (tcp, udp));
     assert_eq!(udp_hello(&cluster.client, udp).as_deref(), Ok("pod-a"));
+
+    // Idle, the watchdog (every 300 ms) lists our rules no more: nothing in the node's
+    // ruleset changes, so it skips on the nftables generation.
+    let counts = |cluster: &Cluster| {
+        let page = cluster.node.inside(|| {
+            let mut stream = TcpStream::connect(METRICS).unwrap();
+            stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            let mut page = String::new();
+            stream.read_to_string(&mut page).unwrap();
+            page
+        });
+        let count = |result: &str| -> u64 {
+            let key = format!("randport_firewall_checks_total{{result=\"{result}\"}} ");
+            page.lines()
+                .find_map(|l| l.strip_prefix(key.as_str()))
+                .unwrap_or_else(|| panic!("{key} missing:\n{page}"))
+                .parse()
+                .unwrap()
+        };
+        (count("listed"), count("skipped"))
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    let (listed, skipped) = counts(&cluster);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (listed_later, skipped_later) = counts(&cluster);
+    assert_eq!(listed_later, listed, "{backend}: listed while idle");
+    assert!(
+        skipped_later >= skipped + 3,
+        "{backend}: skipped {skipped} then {skipped_later}"
+    );
 
     // Someone flushes our rules: new connections work again within 2 s.
     let flush: &[&str] = if backend == "nftables" {

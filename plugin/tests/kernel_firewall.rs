@@ -34,8 +34,28 @@ fn check_backend(
         "{}: verify missed a lost rule",
         firewall.name()
     );
+    // The generation the watchdog skips on: steady while nothing changes, new after any
+    // change (here a flush by somebody else). iptables has one only in its nf_tables
+    // flavour, as on this machine's distribution; the legacy one changes nothing nft sees.
+    let expect_generation = firewall.name() == "nftables"
+        || std::process::Command::new("iptables-save")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("nf_tables"));
+    let before = ns.inside(move || firewall.generation());
+    assert_eq!(before.is_some(), expect_generation, "{}", firewall.name());
+    assert_eq!(ns.inside(move || firewall.generation()), before, "steady");
     // Flushed: the watchdog's check notices, a rebuild restores.
     ns.sh(flush[0], &flush[1..], "");
+    if expect_generation {
+        let after = ns.inside(move || firewall.generation());
+        assert_ne!(
+            after,
+            before,
+            "{}: a flush left the generation",
+            firewall.name()
+        );
+    }
     let records = all.clone();
     assert!(
         !ns.inside(move || firewall.intact(&records)).unwrap(),
