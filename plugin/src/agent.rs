@@ -485,7 +485,7 @@ impl Agent {
         self.commit_add(&record).map_err(|e| undo(e.into()))?;
         // 6. Conntrack, after the rules, on the worker. A failure leaves stale UDP
         // flows, not a broken mapping: it is logged, not undone.
-        self.flush_conntrack(&record);
+        self.flush_conntrack(&record, true);
         // 7. Writeback.
         if request.mapping_requested {
             let value = annotation::encode(&record.annotation_entries());
@@ -549,11 +549,26 @@ impl Agent {
         }
     }
 
-    fn flush_conntrack(&self, record: &SandboxRecord) {
+    /// Queues the conntrack flushes of a sandbox's ports: after an ADD (`added`) the
+    /// flows already translated to the pod stay, after a DEL every flow goes.
+    fn flush_conntrack(&self, record: &SandboxRecord, added: bool) {
         for m in record.mappings.iter().filter(|m| needs_flush(m.protocol)) {
+            let keep = if added {
+                record
+                    .pod_ips
+                    .iter()
+                    .map(|ip| std::net::SocketAddr::new(*ip, m.container_port))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let context = format!("pod {} sandbox {}", record.pod, record.sandbox);
-            self.conntrack
-                .enqueue(PortKey::on(m.protocol, m.host_ip), m.host_port, context);
+            self.conntrack.enqueue(
+                PortKey::on(m.protocol, m.host_ip),
+                m.host_port,
+                keep,
+                context,
+            );
         }
     }
 
@@ -575,7 +590,7 @@ impl Agent {
         }
         inner.release(&record);
         inner.records.remove(sandbox);
-        self.flush_conntrack(&record);
+        self.flush_conntrack(&record, false);
         if let Err(e) = self.state.delete(sandbox) {
             errors.push(e.to_string());
         }

@@ -27,6 +27,20 @@ pub trait Conntrack: Send + Sync {
     /// Removes the entries of flows sent to `port` for `key`, both families unless the
     /// key's host IP picks one.
     fn flush(&self, key: PortKey, port: u16) -> Result<(), ConntrackError>;
+
+    /// After an ADD: removes the entries of flows sent to `port` for `key` except those
+    /// already translated to one of `pods` (their replies come from the pod): those
+    /// are flows through the new mapping, which a flush running a moment after the ADD
+    /// answered must not cut. Implementations that cannot tell remove them all.
+    fn flush_stale(
+        &self,
+        key: PortKey,
+        port: u16,
+        pods: &[std::net::SocketAddr],
+    ) -> Result<(), ConntrackError> {
+        let _ = pods;
+        self.flush(key, port)
+    }
 }
 
 /// Whether entries of `protocol` need flushing (TCP flows end on their own).
@@ -84,12 +98,16 @@ impl Conntrack for ConntrackTool {
     }
 }
 
+/// One queued flush: the port, the pod addresses whose flows stay (after an ADD), the log
+/// context.
+type Flush = (PortKey, u16, Vec<std::net::SocketAddr>, String);
+
 /// Runs flushes on a worker thread, in order, so that ADD and DEL answer without waiting
 /// for them: a flush walks the node's whole conntrack table (about 9 ms here, whichever
 /// tool does it). Each flush is queued after its rule change, so it still runs after
 /// the rules are in.
 pub struct ConntrackQueue {
-    tx: std::sync::Mutex<std::sync::mpsc::Sender<(PortKey, u16, String)>>,
+    tx: std::sync::Mutex<std::sync::mpsc::Sender<Flush>>,
     pending: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -103,12 +121,12 @@ impl ConntrackQueue {
     /// Starts the worker; it ends when the queue is dropped.
     pub fn spawn(conntrack: Box<dyn Conntrack>) -> Self {
         use std::sync::atomic::Ordering;
-        let (tx, rx) = std::sync::mpsc::channel::<(PortKey, u16, String)>();
+        let (tx, rx) = std::sync::mpsc::channel::<Flush>();
         let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = std::sync::Arc::clone(&pending);
         std::thread::spawn(move || {
-            for (key, port, context) in rx {
-                if let Err(e) = conntrack.flush(key, port) {
+            for (key, port, keep, context) in rx {
+                if let Err(e) = conntrack.flush_stale(key, port, &keep) {
                     eprintln!("randportd: warning: {context}: {e}");
                 }
                 counter.fetch_sub(1, Ordering::SeqCst);
@@ -120,15 +138,22 @@ impl ConntrackQueue {
         }
     }
 
-    /// Queues a flush of `port` for `key`; `context` names the pod for the log.
-    pub fn enqueue(&self, key: PortKey, port: u16, context: String) {
+    /// Queues a flush of `port` for `key`, keeping flows already translated to `keep`
+    /// (see [`Conntrack::flush_stale`]); `context` names the pod for the log.
+    pub fn enqueue(
+        &self,
+        key: PortKey,
+        port: u16,
+        keep: Vec<std::net::SocketAddr>,
+        context: String,
+    ) {
         self.pending
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let sent = self
             .tx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .send((key, port, context));
+            .send((key, port, keep, context));
         if sent.is_err() {
             self.pending
                 .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
@@ -170,21 +195,26 @@ mod nl {
     pub const IPCTNL_MSG_CT_GET: u16 = 1;
     pub const IPCTNL_MSG_CT_DELETE: u16 = 2;
     pub const CTA_TUPLE_ORIG: u16 = 1;
+    pub const CTA_TUPLE_REPLY: u16 = 2;
+    pub const CTA_IP_V4_SRC: u16 = 1;
+    pub const CTA_IP_V6_SRC: u16 = 3;
     pub const CTA_TUPLE_IP: u16 = 1;
     pub const CTA_TUPLE_PROTO: u16 = 2;
     pub const CTA_IP_V4_DST: u16 = 2;
     pub const CTA_IP_V6_DST: u16 = 4;
     pub const CTA_PROTO_NUM: u16 = 1;
+    pub const CTA_PROTO_SRC_PORT: u16 = 2;
     pub const CTA_PROTO_DST_PORT: u16 = 3;
 }
 
 impl NetlinkConntrack {
     /// The original-direction tuples (with their nfgenmsg family) of every entry for
-    /// `port` and `key`.
+    /// `port` and `key`, except those whose replies come from one of `keep`.
     fn matching(
         socket: &std::os::fd::OwnedFd,
         key: PortKey,
         port: u16,
+        keep: &[std::net::SocketAddr],
     ) -> std::io::Result<Vec<(u8, Vec<u8>)>> {
         use std::os::fd::AsRawFd;
         let proto: u8 = match key.protocol {
@@ -252,6 +282,7 @@ impl NetlinkConntrack {
                         if num == Some(proto)
                             && dport == Some(port)
                             && key.host_ip.is_none_or(|ip| Some(ip) == dst)
+                            && !reply_source(&top).is_some_and(|src| keep.contains(&src))
                         {
                             found.push((family, orig.1.to_vec()));
                         }
@@ -263,8 +294,34 @@ impl NetlinkConntrack {
     }
 }
 
+/// The source of an entry's reply direction (the DNAT target, for a mapped flow).
+fn reply_source(top: &[(u16, &[u8], &[u8])]) -> Option<std::net::SocketAddr> {
+    let reply = nl::attrs(nl::find(top, nl::CTA_TUPLE_REPLY)?);
+    let ip = nl::attrs(nl::find(&reply, nl::CTA_TUPLE_IP)?);
+    let proto = nl::attrs(nl::find(&reply, nl::CTA_TUPLE_PROTO)?);
+    let port = nl::find(&proto, nl::CTA_PROTO_SRC_PORT)
+        .and_then(|b| <[u8; 2]>::try_from(b).ok())
+        .map(u16::from_be_bytes)?;
+    let ip = nl::find(&ip, nl::CTA_IP_V4_SRC)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok().map(std::net::IpAddr::from))
+        .or_else(|| {
+            nl::find(&ip, nl::CTA_IP_V6_SRC)
+                .and_then(|b| <[u8; 16]>::try_from(b).ok().map(std::net::IpAddr::from))
+        })?;
+    Some(std::net::SocketAddr::new(ip, port))
+}
+
 impl Conntrack for NetlinkConntrack {
     fn flush(&self, key: PortKey, port: u16) -> Result<(), ConntrackError> {
+        self.flush_stale(key, port, &[])
+    }
+
+    fn flush_stale(
+        &self,
+        key: PortKey,
+        port: u16,
+        pods: &[std::net::SocketAddr],
+    ) -> Result<(), ConntrackError> {
         use nix::sys::socket::{MsgFlags, NetlinkAddr, recv, sendto};
         use std::os::fd::AsRawFd;
         let fail = |e: &dyn std::fmt::Display| ConntrackError {
@@ -273,7 +330,7 @@ impl Conntrack for NetlinkConntrack {
             reason: format!("ctnetlink: {e}"),
         };
         let sock = crate::netlink::socket().map_err(|e| fail(&e))?;
-        let entries = Self::matching(&sock, key, port).map_err(|e| fail(&e))?;
+        let entries = Self::matching(&sock, key, port, pods).map_err(|e| fail(&e))?;
         let to = NetlinkAddr::new(0, 0);
         let mut buf = vec![0u8; 8192];
         for (seq, (family, tuple)) in entries.iter().enumerate() {
@@ -305,14 +362,29 @@ impl Conntrack for NetlinkConntrack {
 pub struct FakeConntrack {
     /// Every (key, port) flushed, in order.
     pub flushed: std::sync::Mutex<Vec<(PortKey, u16)>>,
+    /// The pod addresses each flush kept, in the same order (empty after a DEL).
+    pub kept: std::sync::Mutex<Vec<Vec<std::net::SocketAddr>>>,
 }
 
 impl Conntrack for FakeConntrack {
     fn flush(&self, key: PortKey, port: u16) -> Result<(), ConntrackError> {
+        self.flush_stale(key, port, &[])
+    }
+
+    fn flush_stale(
+        &self,
+        key: PortKey,
+        port: u16,
+        pods: &[std::net::SocketAddr],
+    ) -> Result<(), ConntrackError> {
         self.flushed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((key, port));
+        self.kept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(pods.to_vec());
         Ok(())
     }
 }
@@ -320,5 +392,13 @@ impl Conntrack for FakeConntrack {
 impl<T: Conntrack + ?Sized> Conntrack for std::sync::Arc<T> {
     fn flush(&self, key: PortKey, port: u16) -> Result<(), ConntrackError> {
         (**self).flush(key, port)
+    }
+    fn flush_stale(
+        &self,
+        key: PortKey,
+        port: u16,
+        pods: &[std::net::SocketAddr],
+    ) -> Result<(), ConntrackError> {
+        (**self).flush_stale(key, port, pods)
     }
 }

@@ -169,6 +169,19 @@ fn add_runs_every_step_in_order() {
         *node.conntrack.flushed.lock().unwrap(),
         vec![(PortKey::any(Protocol::Udp), udp)]
     );
+    // Flows already translated to the new pod stay.
+    let udp_container_port = record
+        .mappings
+        .iter()
+        .find(|m| m.protocol == Protocol::Udp)
+        .unwrap()
+        .container_port;
+    let pod_flows: Vec<std::net::SocketAddr> = record
+        .pod_ips
+        .iter()
+        .map(|ip| std::net::SocketAddr::new(*ip, udp_container_port))
+        .collect();
+    assert_eq!(*node.conntrack.kept.lock().unwrap(), vec![pod_flows]);
     let writes = node.pods.writes.lock().unwrap().clone();
     assert_eq!(
         writes,
@@ -382,6 +395,7 @@ fn del_releases_everything_and_is_idempotent() {
         .unwrap();
     assert!(node.agent.conntrack_idle(Duration::from_secs(2)));
     node.conntrack.flushed.lock().unwrap().clear();
+    node.conntrack.kept.lock().unwrap().clear();
     node.agent.del(&record.sandbox).unwrap();
     node.agent.del(&record.sandbox).unwrap();
     assert_nothing_left(&node);
@@ -392,6 +406,11 @@ fn del_releases_everything_and_is_idempotent() {
     assert_eq!(
         *node.conntrack.flushed.lock().unwrap(),
         vec![(PortKey::any(Protocol::Udp), 20000)]
+    );
+    // After a DEL no flow stays.
+    assert_eq!(
+        *node.conntrack.kept.lock().unwrap(),
+        vec![Vec::<std::net::SocketAddr>::new()]
     );
     // The single port of the range is free again.
     node.pods.put(pod("web-1", Some(""), web_ports()));

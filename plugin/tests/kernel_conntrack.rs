@@ -81,6 +81,47 @@ fn flush_removes_only_the_matching_entries(conntrack: impl Conntrack + Copy + 's
         .unwrap();
 }
 
+/// After an ADD the flush keeps the flows whose replies come from the new pod (here the
+/// address a flow was sent to, as nothing translates it): they already go through the
+/// new mapping.
+#[test]
+fn netlink_flush_after_an_add_keeps_the_pods_own_flows() {
+    if !root_and_tools_or_skip(
+        "netlink_flush_after_an_add_keeps_the_pods_own_flows",
+        &["conntrack", "nft"],
+    ) {
+        return;
+    }
+    let ns = test_netns("ct-keep");
+    ns.sh("ip", &["link", "set", "lo", "up"], "");
+    ns.sh("ip", &["addr", "add", "127.0.0.2/8", "dev", "lo"], "");
+    ns.sh(
+        "nft",
+        &["-f", "-"],
+        &randport_core::render::nft::ruleset("randport", &[]),
+    );
+    flows(&ns, &[("127.0.0.1", 20003), ("127.0.0.2", 20003)]);
+    assert_eq!(entries(&ns, 20003, None), 2);
+    // The pod's address with another port (an IP reused by a pod serving another port)
+    // does not keep a flow.
+    let other_port: std::net::SocketAddr = "127.0.0.1:20004".parse().unwrap();
+    let pod: std::net::SocketAddr = "127.0.0.2:20003".parse().unwrap();
+    ns.inside(move || {
+        NetlinkConntrack.flush_stale(PortKey::any(Protocol::Udp), 20003, &[pod, other_port])
+    })
+    .unwrap();
+    assert_eq!(
+        entries(&ns, 20003, Some("127.0.0.2")),
+        1,
+        "the pod's flow went"
+    );
+    assert_eq!(
+        entries(&ns, 20003, Some("127.0.0.1")),
+        0,
+        "a stale flow stayed"
+    );
+}
+
 #[test]
 fn netlink_flush_removes_only_the_matching_entries() {
     if root_and_tools_or_skip(
