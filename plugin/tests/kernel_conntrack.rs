@@ -31,16 +31,22 @@ fn flows(ns: &randport_itests::Netns, to: &[(&'static str, u16)]) {
     });
 }
 
-fn flush_removes_only_the_matching_entries(conntrack: impl Conntrack + Copy + 'static) {
-    let ns = test_netns("ct");
+/// A test namespace with 127.0.0.1 and 127.0.0.2 on its loopback that tracks connections
+/// (a nat table makes it).
+fn tracking_netns(purpose: &str) -> randport_itests::Netns {
+    let ns = test_netns(purpose);
     ns.sh("ip", &["link", "set", "lo", "up"], "");
     ns.sh("ip", &["addr", "add", "127.0.0.2/8", "dev", "lo"], "");
-    // A nat table makes the namespace track connections.
     ns.sh(
         "nft",
         &["-f", "-"],
         &randport_core::render::nft::ruleset("randport", &[]),
     );
+    ns
+}
+
+fn flush_removes_only_the_matching_entries(conntrack: impl Conntrack + Copy + 'static) {
+    let ns = tracking_netns("ct");
     flows(
         &ns,
         &[
@@ -92,14 +98,7 @@ fn netlink_flush_after_an_add_keeps_the_pods_own_flows() {
     ) {
         return;
     }
-    let ns = test_netns("ct-keep");
-    ns.sh("ip", &["link", "set", "lo", "up"], "");
-    ns.sh("ip", &["addr", "add", "127.0.0.2/8", "dev", "lo"], "");
-    ns.sh(
-        "nft",
-        &["-f", "-"],
-        &randport_core::render::nft::ruleset("randport", &[]),
-    );
+    let ns = tracking_netns("ct-keep");
     flows(&ns, &[("127.0.0.1", 20003), ("127.0.0.2", 20003)]);
     assert_eq!(entries(&ns, 20003, None), 2);
     // The pod's address with another port (an IP reused by a pod serving another port)
