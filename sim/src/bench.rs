@@ -120,8 +120,8 @@ pub struct Report {
     pub latency: Vec<LatencyRow>,
     /// Connection rates.
     pub connections: Vec<ConnRow>,
-    /// Agent RSS in MiB by (backend, mappings).
-    pub memory: Vec<(String, usize, f64)>,
+    /// Agent RSS in MiB and idle CPU in % of a core, by (backend, mappings).
+    pub memory: Vec<(String, usize, f64, f64)>,
     /// Agent restart time by (backend, mappings).
     pub restarts: Vec<(String, usize, Duration)>,
     /// Concurrent ADDs: (plugin, latency, duplicates found).
@@ -400,6 +400,49 @@ fn measure_add_del(
     Ok((adds, dels))
 }
 
+/// The agent's CPU use while idle, in % of one core over `window`: its own time and its
+/// waited-for children's (the iptables backend's watchdog runs `iptables-save`).
+fn idle_cpu_percent(pid: u32, window: Duration) -> Result<f64> {
+    let ticks = || -> Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // After the command name: field 3 (state) first, so utime..cstime (14..17) are
+        // at 11..15.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .context("unreadable /proc/PID/stat")?
+            .1
+            .split_whitespace()
+            .collect();
+        fields
+            .get(11..15)
+            .context("short /proc/PID/stat")?
+            .iter()
+            .map(|f| f.parse::<u64>().context("/proc/PID/stat field"))
+            .sum()
+    };
+    let hz: f64 = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0);
+    let before = ticks()?;
+    std::thread::sleep(window);
+    let after = ticks()?;
+    Ok((after - before) as f64 / hz / window.as_secs_f64() * 100.0)
+}
+
+/// RSS and idle CPU of the agent, for the memory table. The CPU window starts 2.5 s after
+/// the last request, so that a watchdog listing that ran during the requests before (and
+/// is counted when it ends) is not taken for idle work.
+fn agent_usage(pid: u32) -> Result<(f64, f64)> {
+    std::thread::sleep(Duration::from_millis(2500));
+    Ok((
+        rss_mib(pid)?,
+        idle_cpu_percent(pid, Duration::from_secs(3))?,
+    ))
+}
+
 fn rss_mib(pid: u32) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = status
@@ -497,11 +540,9 @@ fn sweep(
         if spec.sizes.contains(&size) {
             latency_row(c, plugin, spec, samples_at, have, report, progress)?;
             if let Some(backend) = memory_of {
-                report.memory.push((
-                    backend.into(),
-                    have,
-                    rss_mib(c.nodes[0].agent_pid().context("agent pid")?)?,
-                ));
+                progress(&format!("{}: agent memory and idle CPU", plugin.name()));
+                let (rss, cpu) = agent_usage(c.nodes[0].agent_pid().context("agent pid")?)?;
+                report.memory.push((backend.into(), have, rss, cpu));
             }
         }
         if spec.conn_sizes.contains(&size) {
@@ -545,7 +586,8 @@ fn randport_backend(
     let mut c = Cluster::up(cluster_spec, &mut |_| {})?;
     route_client_to_pods(&c)?;
     let pid = c.nodes[0].agent_pid().context("agent pid")?;
-    report.memory.push((backend.into(), 0, rss_mib(pid)?));
+    let (rss, cpu) = agent_usage(pid)?;
+    report.memory.push((backend.into(), 0, rss, cpu));
 
     // 100 concurrent ADDs first, on an empty node.
     progress(&format!(
@@ -770,13 +812,16 @@ pub fn markdown(report: &Report, command: &str, spec: &BenchSpec) -> String {
             r.direct_connect.p99 * 1000.0
         );
     }
-    let _ = writeln!(out, "\n**Agent memory (RSS) and restart**\n");
     let _ = writeln!(
         out,
-        "| backend | mappings | RSS MiB |\n| --- | ---: | ---: |"
+        "\n**Agent memory (RSS), idle CPU (3 s from 2.5 s after the last request, watchdog every 1 s; the agent and the tools it runs) and restart**\n"
     );
-    for (backend, n, mib) in &report.memory {
-        let _ = writeln!(out, "| {backend} | {n} | {mib:.1} |");
+    let _ = writeln!(
+        out,
+        "| backend | mappings | RSS MiB | idle CPU, % of a core |\n| --- | ---: | ---: | ---: |"
+    );
+    for (backend, n, mib, cpu) in &report.memory {
+        let _ = writeln!(out, "| {backend} | {n} | {mib:.1} | {cpu:.1} |");
     }
     let _ = writeln!(
         out,
@@ -822,6 +867,26 @@ mod tests {
     }
 
     #[test]
+    fn idle_cpu_tells_a_busy_process_from_an_idle_one() {
+        let me = std::process::id();
+        let idle = idle_cpu_percent(me, Duration::from_millis(500)).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spinning = {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let busy = idle_cpu_percent(me, Duration::from_millis(500)).unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        spinning.join().unwrap();
+        assert!(idle < 20.0, "idle: {idle:.1} %");
+        assert!(busy > 50.0, "busy: {busy:.1} %");
+    }
+
+    #[test]
     fn report_renders_every_section() {
         let p = percentiles(&[Duration::from_millis(2)]);
         let report = Report {
@@ -839,7 +904,7 @@ mod tests {
                 mapped_connect: p,
                 direct_connect: p,
             }],
-            memory: vec![("nftables".into(), 5000, 12.5)],
+            memory: vec![("nftables".into(), 5000, 12.5, 0.3)],
             restarts: vec![("nftables".into(), 5000, Duration::from_millis(800))],
             concurrent: vec![("randport (nftables)".into(), p, 0)],
         };
@@ -847,7 +912,7 @@ mod tests {
         for needle in [
             "| randport (nftables) | 5000 | 2.0 / 2.0 / 2.0 | 2.0 / 2.0 / 2.0 |",
             "| x | 1 | 900 | 1000 | 0.90 |",
-            "| nftables | 5000 | 12.5 |",
+            "| nftables | 5000 | 12.5 | 0.3 |",
             "| nftables | 5000 | 800 |",
             "| randport (nftables) | 2.0 | 2.0 | 2.0 | 0 |",
         ] {
