@@ -26,7 +26,9 @@ pub struct ConntrackError {
 pub trait Conntrack: Send + Sync {
     /// Removes the entries of flows sent to `port` for `key`, both families unless the
     /// key's host IP picks one.
-    fn flush(&self, key: PortKey, port: u16) -> Result<(), ConntrackError>;
+    fn flush(&self, key: PortKey, port: u16) -> Result<(), ConntrackError> {
+        self.flush_stale(key, port, &[])
+    }
 
     /// After an ADD: removes the entries of flows sent to `port` for `key` except those
     /// already translated to one of `pods` (their replies come from the pod): those
@@ -37,10 +39,7 @@ pub trait Conntrack: Send + Sync {
         key: PortKey,
         port: u16,
         pods: &[std::net::SocketAddr],
-    ) -> Result<(), ConntrackError> {
-        let _ = pods;
-        self.flush(key, port)
-    }
+    ) -> Result<(), ConntrackError>;
 }
 
 /// Whether entries of `protocol` need flushing (TCP flows end on their own).
@@ -53,7 +52,13 @@ pub fn needs_flush(protocol: Protocol) -> bool {
 pub struct ConntrackTool;
 
 impl Conntrack for ConntrackTool {
-    fn flush(&self, key: PortKey, port: u16) -> Result<(), ConntrackError> {
+    /// The tool cannot select entries by their reply direction: it removes them all.
+    fn flush_stale(
+        &self,
+        key: PortKey,
+        port: u16,
+        _pods: &[std::net::SocketAddr],
+    ) -> Result<(), ConntrackError> {
         let families: &[IpFamily] = match key.host_ip.as_ref().map(IpFamily::of) {
             Some(IpFamily::V4) => &[IpFamily::V4],
             Some(IpFamily::V6) => &[IpFamily::V6],
@@ -312,10 +317,6 @@ fn reply_source(top: &[(u16, &[u8], &[u8])]) -> Option<std::net::SocketAddr> {
 }
 
 impl Conntrack for NetlinkConntrack {
-    fn flush(&self, key: PortKey, port: u16) -> Result<(), ConntrackError> {
-        self.flush_stale(key, port, &[])
-    }
-
     fn flush_stale(
         &self,
         key: PortKey,
@@ -367,10 +368,6 @@ pub struct FakeConntrack {
 }
 
 impl Conntrack for FakeConntrack {
-    fn flush(&self, key: PortKey, port: u16) -> Result<(), ConntrackError> {
-        self.flush_stale(key, port, &[])
-    }
-
     fn flush_stale(
         &self,
         key: PortKey,
@@ -390,9 +387,6 @@ impl Conntrack for FakeConntrack {
 }
 
 impl<T: Conntrack + ?Sized> Conntrack for std::sync::Arc<T> {
-    fn flush(&self, key: PortKey, port: u16) -> Result<(), ConntrackError> {
-        (**self).flush(key, port)
-    }
     fn flush_stale(
         &self,
         key: PortKey,

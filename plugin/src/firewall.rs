@@ -129,14 +129,14 @@ pub fn restore_route_localnet(
         return Ok(None);
     }
     let path = route_localnet_path(sysctl_dir);
-    let said = if kube_proxy_uses_it() {
+    let said = if std::fs::read_to_string(&path)?.trim() != "1" {
+        "net.ipv4.conf.all.route_localnet is already 0"
+    } else if kube_proxy_uses_it() {
         "left net.ipv4.conf.all.route_localnet=1 (turned on for --localhost-access): \
          kube-proxy's localhost NodePorts use it too"
-    } else if std::fs::read_to_string(&path)?.trim() == "1" {
+    } else {
         std::fs::write(&path, "0")?;
         "set net.ipv4.conf.all.route_localnet back to 0 (turned on for --localhost-access)"
-    } else {
-        "net.ipv4.conf.all.route_localnet is already 0"
     };
     std::fs::remove_file(&marker)?;
     Ok(Some(said.to_owned()))
