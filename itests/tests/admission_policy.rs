@@ -41,9 +41,16 @@ fn policy_file(text: &str) -> (ValidatingAdmissionPolicy, ValidatingAdmissionPol
     )
 }
 
+/// A file of `deploy/`, as shipped.
+fn deploy_file(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 fn shipped() -> (ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/admission-policy.yaml");
-    policy_file(&std::fs::read_to_string(path).unwrap())
+    policy_file(&deploy_file("admission-policy.yaml"))
 }
 
 /// One UPDATE of a pod, as the policy sees it.
@@ -179,10 +186,7 @@ fn the_policy_fences_the_agent_identity_from_the_daemonset() {
     assert_eq!(spec.failure_policy.as_deref(), Some("Fail"));
 
     // The identity it matches is the DaemonSet's service account.
-    let agent_yaml = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/randport.yaml"),
-    )
-    .unwrap();
+    let agent_yaml = deploy_file("randport.yaml");
     let account = serde_yaml_ng::Deserializer::from_str(&agent_yaml)
         .map(|d| Value::deserialize(d).unwrap())
         .find(|d| d["kind"] == "ServiceAccount")
@@ -387,8 +391,7 @@ fn the_agent_may_write_only_its_annotation_on_its_own_node() {
 /// validation that does not compile, gives a different verdict.
 #[test]
 fn a_weakened_policy_is_noticed() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/admission-policy.yaml");
-    let text = std::fs::read_to_string(path).unwrap();
+    let text = deploy_file("admission-policy.yaml");
     let key = randport_core::DEFAULT_ANNOTATION;
     let elsewhere = by_agent(
         "node-b",
