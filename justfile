@@ -31,3 +31,8 @@ fuzz:
 # End-to-end on a kind cluster (needs Docker, kind, kubectl): install, e2e tests, uninstall.
 kind-e2e:
     ci/kind-e2e.sh
+
+# End-to-end on a real one-node cluster made here without Docker (root; Kubernetes binaries
+# from RANDPORT_K8S_ASSETS or ../shared/k8s): kube-apiserver, kubelet, containerd, randport.
+e2e-local *ARGS:
+    ci/e2e-local.sh {{ARGS}}
