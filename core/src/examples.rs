@@ -18,6 +18,7 @@ fn mapping(container: &str, host_port: u16, container_port: u16, protocol: Proto
         container_port,
         protocol,
         explicit: false,
+        delegated: false,
     }
 }
 

@@ -190,6 +190,10 @@ pub struct SandboxRequest {
     pub ports: Vec<ContainerPort>,
     /// Whether the pod carries the port-mapping annotation (random ports wanted).
     pub mapping_requested: bool,
+    /// Whether explicit hostPorts are left to an earlier port mapper in the CNI chain
+    /// (portmap): they are listed in the annotation but neither reserved, held nor given
+    /// rules here, so that one port has one owner.
+    pub leave_explicit: bool,
 }
 
 /// One host port mapped to a container port of one sandbox. A dual-stack pod has one
@@ -211,9 +215,19 @@ pub struct Mapping {
     /// True when the host port came from the pod spec rather than the allocator.
     #[serde(default)]
     pub explicit: bool,
+    /// True for an explicit hostPort left to an earlier port mapper in the CNI chain: it is
+    /// listed in the annotation (as galaxy does), and randport neither holds it nor has a
+    /// rule for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delegated: bool,
 }
 
 impl Mapping {
+    /// Whether randport itself maps this port (holds it, has its rules).
+    pub fn owned(&self) -> bool {
+        !self.delegated
+    }
+
     /// The pod addresses this mapping sends traffic to: every pod address, or only those
     /// of the host IP's family when the mapping has a host IP.
     pub fn targets<'a>(&self, pod_ips: &'a [IpAddr]) -> impl Iterator<Item = &'a IpAddr> + 'a {
@@ -239,6 +253,11 @@ pub struct SandboxRecord {
 }
 
 impl SandboxRecord {
+    /// The mappings randport itself maps (not those left to another plugin).
+    pub fn owned(&self) -> impl Iterator<Item = &Mapping> {
+        self.mappings.iter().filter(|m| m.owned())
+    }
+
     /// The annotation entries for this sandbox, as galaxy writes them: one per mapping,
     /// with the first pod address the mapping sends traffic to as `podIP` (the primary
     /// address, unless the mapping's hostIP is of the other family).
@@ -296,6 +315,7 @@ mod tests {
             container_port: 80,
             protocol: Protocol::Tcp,
             explicit: false,
+            delegated: false,
         };
         assert_eq!(m.targets(&ips).count(), 2);
         m.host_ip = Some("2001:db8::1".parse().unwrap());

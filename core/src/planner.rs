@@ -134,11 +134,16 @@ pub fn plan(
     let mut taken: Vec<(PortKey, u16)> = Vec::new();
     let mut chosen: Vec<Option<u16>> = vec![None; wanted.len()];
     let result = (|| {
-        // Explicit host ports first, so that no random pick takes one of them.
+        // Explicit host ports first, so that no random pick takes one of them; those left
+        // to another port mapper are only listed.
         for (i, port) in wanted.iter().enumerate() {
             let Some(host_port) = port.host_port else {
                 continue;
             };
+            if request.leave_explicit {
+                chosen[i] = Some(host_port);
+                continue;
+            }
             let key = PortKey::on(port.protocol, port.host_ip);
             let err = |busy: bool| {
                 let (pod, container) = (request.pod.clone(), port.container.clone());
@@ -202,6 +207,7 @@ pub fn plan(
                 container_port: port.container_port,
                 protocol: port.protocol,
                 explicit: port.host_port.is_some(),
+                delegated: request.leave_explicit && port.host_port.is_some(),
             })
         })
         .collect())
@@ -264,6 +270,7 @@ mod tests {
             pod_ips: vec!["198.18.0.5".parse().unwrap()],
             ports,
             mapping_requested,
+            leave_explicit: false,
         }
     }
 
@@ -309,6 +316,54 @@ mod tests {
                 .contains(maps[0].host_port)
         );
         assert!(!alloc.is_free(PortKey::any(Protocol::Udp), maps[2].host_port));
+    }
+
+    #[test]
+    fn explicit_ports_left_to_another_mapper_are_listed_but_not_claimed_or_probed() {
+        let mut req = request(
+            vec![
+                ContainerPort::new("web", 80, Protocol::Tcp),
+                explicit(ContainerPort::new("web", 443, Protocol::Tcp), 20050),
+            ],
+            true,
+        );
+        req.leave_explicit = true;
+        let mut alloc = allocator();
+        let mut probed = Vec::new();
+        let maps = plan(
+            &req,
+            &mut alloc,
+            &mut fastrand::Rng::with_seed(1),
+            |_, p| {
+                probed.push(p);
+                true
+            },
+        )
+        .unwrap();
+        let summary: Vec<_> = maps
+            .iter()
+            .map(|m| (m.container_port, m.explicit, m.delegated, m.owned()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![(80, false, false, true), (443, true, true, false)]
+        );
+        assert_eq!(maps[1].host_port, 20050);
+        // The other plugin owns 20050: not held, not reserved here.
+        assert_eq!(probed, vec![maps[0].host_port]);
+        assert!(alloc.is_free(PortKey::any(Protocol::Tcp), 20050));
+        assert!(!alloc.is_free(PortKey::any(Protocol::Tcp), maps[0].host_port));
+
+        // Mapped by randport when nobody else maps them.
+        req.leave_explicit = false;
+        let maps = plan(
+            &req,
+            &mut allocator(),
+            &mut fastrand::Rng::with_seed(1),
+            |_, _| true,
+        )
+        .unwrap();
+        assert!(maps.iter().all(Mapping::owned));
     }
 
     #[test]

@@ -163,6 +163,7 @@ proptest! {
             pod_ips: vec!["198.18.0.2".parse().unwrap()],
             ports: ports.clone(),
             mapping_requested: requested,
+            leave_explicit: false,
         };
         let range = PortRange::new(20000, 20005).unwrap();
         let mut alloc = HostPortAllocator::new(range, ReservedPorts::none());

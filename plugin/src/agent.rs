@@ -38,6 +38,40 @@ pub struct AgentConfig {
     pub annotation_key: String,
     /// How long an ADD waits for a pod the source does not know yet.
     pub pod_wait: Duration,
+    /// Who maps explicit hostPorts.
+    pub host_ports: HostPorts,
+    /// The node's CNI config directory: in [`HostPorts::Auto`], an ADD with explicit
+    /// hostPorts reads the runtime's conflist there to see whether an earlier plugin maps
+    /// them. `None`: randport maps them.
+    pub cni_conf_dir: Option<std::path::PathBuf>,
+}
+
+/// Who maps a pod's explicit hostPorts (`--host-ports`). One port must have one owner:
+/// most clusters already chain `portmap`, which maps every explicit hostPort the runtime
+/// passes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum HostPorts {
+    /// Left to an earlier plugin in the node's conflist with the `portMappings`
+    /// capability (portmap); randport maps them when there is none.
+    #[default]
+    Auto,
+    /// randport maps them, whatever else is in the chain.
+    All,
+    /// randport maps only the random ports the annotation asks for; explicit hostPorts
+    /// are left to others.
+    Annotated,
+}
+
+impl HostPorts {
+    /// Whether explicit hostPorts are left to another plugin, given the type of the
+    /// earliest plugin before randport in the chain that maps ports, if any.
+    pub fn leave_explicit(self, earlier_mapper: Option<&str>) -> bool {
+        match self {
+            HostPorts::Auto => earlier_mapper.is_some(),
+            HostPorts::All => false,
+            HostPorts::Annotated => true,
+        }
+    }
 }
 
 /// The effects the agent drives.
@@ -176,7 +210,7 @@ struct Inner {
 
 impl Inner {
     fn release(&mut self, record: &SandboxRecord) {
-        for m in &record.mappings {
+        for m in record.owned() {
             self.alloc
                 .release(PortKey::on(m.protocol, m.host_ip), m.host_port);
         }
@@ -285,7 +319,7 @@ impl Agent {
         let mut inner = self.lock();
         for record in self.state.load_all()? {
             let mut holds = Vec::new();
-            for m in &record.mappings {
+            for m in record.owned() {
                 let key = PortKey::on(m.protocol, m.host_ip);
                 if inner.alloc.claim(key, m.host_port).is_err() {
                     report.warnings.push(format!(
@@ -392,6 +426,17 @@ impl Agent {
         result
     }
 
+    /// Whether this node's explicit hostPorts are left to an earlier plugin in the chain
+    /// (read from the runtime's conflist at each ADD that has some, so a changed chain
+    /// counts at once).
+    fn leave_explicit_ports(&self) -> bool {
+        let earlier = match (self.config.host_ports, &self.config.cni_conf_dir) {
+            (HostPorts::Auto, Some(dir)) => crate::install::earlier_port_mapper_in(dir),
+            _ => None,
+        };
+        self.config.host_ports.leave_explicit(earlier.as_deref())
+    }
+
     fn try_add(&self, req: &AddRequest) -> Result<Option<SandboxRecord>, AgentError> {
         if !self.is_ready() {
             return Err(AgentError::NotReady(self.config.node_name.clone()));
@@ -410,12 +455,15 @@ impl Agent {
         if pod_ref.uid.is_empty() {
             pod_ref.uid = pod.pod.uid.clone();
         }
+        let leave_explicit =
+            pod.ports.iter().any(|p| p.host_port.is_some()) && self.leave_explicit_ports();
         let request = SandboxRequest {
             pod: pod_ref,
             sandbox: req.sandbox.clone(),
             pod_ips: req.pod_ips.clone(),
             ports: pod.ports,
             mapping_requested: pod.annotation.is_some(),
+            leave_explicit,
         };
 
         let record = {
@@ -455,11 +503,13 @@ impl Agent {
                 pod_ips: request.pod_ips.clone(),
                 mappings,
             };
-            if record.mappings.is_empty() {
+            if record.owned().next().is_none() {
+                // Nothing for randport to map (no ports, or only ones another plugin maps).
                 drop(guard);
                 if request.mapping_requested {
+                    let value = annotation::encode(&record.annotation_entries());
                     self.pods
-                        .write_annotation(&record.pod, "[]")
+                        .write_annotation(&record.pod, &value)
                         .map_err(AgentError::Writeback)?;
                 }
                 return Ok(None);
@@ -552,7 +602,7 @@ impl Agent {
     /// Queues the conntrack flushes of a sandbox's ports: after an ADD (`added`) the
     /// flows already translated to the pod stay, after a DEL every flow goes.
     fn flush_conntrack(&self, record: &SandboxRecord, added: bool) {
-        for m in record.mappings.iter().filter(|m| needs_flush(m.protocol)) {
+        for m in record.owned().filter(|m| needs_flush(m.protocol)) {
             let keep = if added {
                 record
                     .pod_ips
@@ -619,11 +669,11 @@ impl Agent {
             what,
         };
         let held = inner.holds.get(sandbox).map_or(0, Vec::len);
-        if held != record.mappings.len() {
+        let owned = record.owned().count();
+        if held != owned {
             return Err(missing(format!(
-                "{} of its {} host ports are not held",
-                record.mappings.len() - held.min(record.mappings.len()),
-                record.mappings.len()
+                "{} of its {owned} host ports are not held",
+                owned - held.min(owned),
             )));
         }
         if !self.firewall.verify(record)? {
@@ -693,7 +743,7 @@ impl Agent {
     pub fn gauges(&self) -> Gauges {
         let inner = self.lock();
         Gauges {
-            mappings: inner.records.values().map(|r| r.mappings.len()).sum(),
+            mappings: inner.records.values().map(|r| r.owned().count()).sum(),
             sandboxes: inner.records.len(),
             range_used: Protocol::ALL.map(|p| inner.alloc.in_use(p)),
             range_size: self.config.port_range.len(),
@@ -750,4 +800,22 @@ fn fingerprint(records: &[SandboxRecord]) -> u64 {
         r.mappings.hash(&mut hasher);
     }
     hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HostPorts;
+
+    #[test]
+    fn explicit_host_ports_have_one_owner() {
+        // auto: left to portmap when the chain has it, mapped here when it does not.
+        assert!(HostPorts::Auto.leave_explicit(Some("portmap")));
+        assert!(!HostPorts::Auto.leave_explicit(None));
+        // all and annotated force either way.
+        assert!(!HostPorts::All.leave_explicit(Some("portmap")));
+        assert!(!HostPorts::All.leave_explicit(None));
+        assert!(HostPorts::Annotated.leave_explicit(Some("portmap")));
+        assert!(HostPorts::Annotated.leave_explicit(None));
+        assert_eq!(HostPorts::default(), HostPorts::Auto);
+    }
 }

@@ -109,6 +109,31 @@ pub fn without_entry(path: &Path, conflist: &Value) -> Result<Option<Value>, Ins
     Ok((plugins.len() != before).then_some(out))
 }
 
+/// The `type` of the first plugin before ours in `conflist` that declares the
+/// `portMappings` capability (portmap, or a network plugin that maps hostPorts itself):
+/// the runtime passes it every explicit hostPort, and it maps them. Without our entry in
+/// the list, every plugin counts as before ours.
+pub fn earlier_port_mapper(conflist: &Value) -> Option<String> {
+    let plugins = conflist.get("plugins")?.as_array()?;
+    let ours = plugins.iter().position(is_ours).unwrap_or(plugins.len());
+    plugins[..ours]
+        .iter()
+        .find(|p| p.pointer("/capabilities/portMappings") == Some(&Value::Bool(true)))
+        .map(|p| {
+            p.get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("(a plugin without a type)")
+                .to_owned()
+        })
+}
+
+/// [`earlier_port_mapper`] of the runtime's active config in `dir`; `None` when there is
+/// none or it cannot be read.
+pub fn earlier_port_mapper_in(dir: &Path) -> Option<String> {
+    let path = active_config(dir).ok()?;
+    earlier_port_mapper(&read_json(&path).ok()?)
+}
+
 /// The file the runtime uses: the first `.conf`, `.conflist` or `.json` in name order (as
 /// containerd and CRI-O choose).
 pub fn active_config(dir: &Path) -> Result<PathBuf, InstallError> {
@@ -249,6 +274,44 @@ mod tests {
             .iter()
             .map(|p| p["type"].as_str().unwrap().to_owned())
             .collect()
+    }
+
+    #[test]
+    fn an_earlier_plugin_with_the_port_mappings_capability_is_found() {
+        // kindnet's chain: portmap before randport.
+        let dir = dir_with(&[("10-kindnet.conflist", KINDNET)]);
+        assert_eq!(earlier_port_mapper_in(&dir), Some("portmap".into()));
+        ensure_entry(&dir, Path::new(DEFAULT_SOCKET)).unwrap();
+        assert_eq!(earlier_port_mapper_in(&dir), Some("portmap".into()));
+        fs::remove_dir_all(&dir).unwrap();
+
+        let chain =
+            |plugins: Value| json!({"cniVersion": "1.0.0", "name": "n", "plugins": plugins});
+        // portmap without the capability gets no mappings from the runtime: not a mapper.
+        assert_eq!(
+            earlier_port_mapper(&chain(json!([{"type": "bridge"}, {"type": "portmap"}]))),
+            None
+        );
+        // A mapper after randport does not count; one before does, whatever its type.
+        let cap = json!({"portMappings": true});
+        assert_eq!(
+            earlier_port_mapper(&chain(json!([
+                {"type": "bridge"}, {"type": "randport"}, {"type": "portmap", "capabilities": cap}
+            ]))),
+            None
+        );
+        assert_eq!(
+            earlier_port_mapper(&chain(json!([
+                {"type": "cilium-cni", "capabilities": cap}, {"type": "randport"}
+            ]))),
+            Some("cilium-cni".into())
+        );
+        assert_eq!(earlier_port_mapper(&json!({"type": "bridge"})), None);
+        // No config at all: nothing to leave the ports to.
+        assert_eq!(
+            earlier_port_mapper_in(Path::new("/nonexistent/randport")),
+            None
+        );
     }
 
     #[test]

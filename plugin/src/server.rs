@@ -179,6 +179,8 @@ mod tests {
             reserved: randport_core::ReservedPorts::none(),
             annotation_key: "k".into(),
             pod_wait: Duration::ZERO,
+            host_ports: crate::agent::HostPorts::Auto,
+            cni_conf_dir: None,
         };
         Agent::new(config, fx)
     }

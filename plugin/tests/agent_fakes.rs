@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use randport_core::annotation::encode;
 use randport_core::{ContainerPort, PodRef, PortKey, Protocol, ReservedPorts, SandboxId};
-use randport_plugin::agent::{Agent, AgentConfig, Effects};
+use randport_plugin::agent::{Agent, AgentConfig, Effects, HostPorts};
 use randport_plugin::conntrack::FakeConntrack;
 use randport_plugin::firewall::{FakeFirewall, Firewall};
 use randport_plugin::holder::FakeHolder;
@@ -31,10 +31,20 @@ fn config(range: &str) -> AgentConfig {
         reserved: ReservedPorts::none(),
         annotation_key: "tkestack.io/portmapping".into(),
         pod_wait: Duration::ZERO,
+        host_ports: HostPorts::Auto,
+        cni_conf_dir: None,
     }
 }
 
 fn node_with(range: &str, state: Arc<MemoryStateStore>, pods: Arc<FakePodSource>) -> Node {
+    node_with_config(config(range), state, pods)
+}
+
+fn node_with_config(
+    config: AgentConfig,
+    state: Arc<MemoryStateStore>,
+    pods: Arc<FakePodSource>,
+) -> Node {
     let firewall = Arc::new(FakeFirewall::default());
     let holder = Arc::new(FakeHolder::default());
     let conntrack = Arc::new(FakeConntrack::default());
@@ -46,7 +56,7 @@ fn node_with(range: &str, state: Arc<MemoryStateStore>, pods: Arc<FakePodSource>
         pods: Box::new(Arc::clone(&pods)),
     };
     Node {
-        agent: Agent::new(config(range), fx),
+        agent: Agent::new(config, fx),
         firewall,
         holder,
         conntrack,
@@ -257,6 +267,101 @@ fn pod_without_annotation_gets_only_explicit_ports_and_no_writeback() {
         None
     );
     assert_eq!(node.pods.writes.lock().unwrap().last().unwrap().1, "[]");
+}
+
+/// A CNI config directory holding kindnet's conflist (ptp, then portmap with the
+/// portMappings capability), as `randportd install` finds it on a kind node.
+fn kindnet_conf_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("randport-fakes-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/10-kindnet.conflist"
+        ),
+        dir.join("10-kindnet.conflist"),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn explicit_host_ports_are_left_to_portmap_before_us_in_the_chain_and_still_listed() {
+    let conf_dir = kindnet_conf_dir();
+    let mut config = config("20000-20099");
+    config.cni_conf_dir = Some(conf_dir.clone());
+    let node = node_with_config(config, Arc::default(), Arc::default());
+    node.agent.start().unwrap();
+    let mut explicit = ContainerPort::new("web", 443, Protocol::Tcp);
+    explicit.host_port = Some(8443);
+    let ports = vec![ContainerPort::new("web", 80, Protocol::Tcp), explicit];
+
+    // Annotated: the random port is ours; 8443 is portmap's, listed in the annotation.
+    node.pods.put(pod("both", Some(""), ports.clone()));
+    let record = node
+        .agent
+        .add(&add_req("both", "sb1", "198.18.0.5"))
+        .unwrap()
+        .unwrap();
+    let owned: Vec<u16> = record.owned().map(|m| m.host_port).collect();
+    assert_eq!(owned.len(), 1);
+    assert!((20000..=20099).contains(&owned[0]));
+    assert!(record.mappings[1].delegated && record.mappings[1].host_port == 8443);
+    let held: Vec<u16> = node
+        .holder
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.1)
+        .collect();
+    assert_eq!(held, owned, "only the random port is held");
+    // One DNAT element (the random port's) and the pod's hairpin element; none for 8443.
+    assert_eq!(node.firewall.present.lock().unwrap()[&record.sandbox], 2);
+    let written = node.pods.writes.lock().unwrap().last().unwrap().1.clone();
+    assert!(
+        written.contains(r#""hostPort":8443"#)
+            && written.contains(&format!(r#""hostPort":{}"#, owned[0])),
+        "{written}"
+    );
+    node.agent.check(&record.sandbox).unwrap();
+    assert_eq!(node.agent.gauges().range_used[0], 1);
+
+    // Without the annotation: nothing of ours, so no record and no rule.
+    node.pods.put(pod("plain", None, ports.clone()));
+    assert_eq!(
+        node.agent
+            .add(&add_req("plain", "sb2", "198.18.0.6"))
+            .unwrap(),
+        None
+    );
+    assert!(
+        !node
+            .firewall
+            .present
+            .lock()
+            .unwrap()
+            .contains_key(&SandboxId("sb2".into()))
+    );
+
+    node.agent.del(&record.sandbox).unwrap();
+    assert_nothing_left(&node);
+
+    // The same chain without portmap: randport maps 8443 itself.
+    std::fs::write(
+        conf_dir.join("10-kindnet.conflist"),
+        r#"{"cniVersion": "0.3.1", "name": "kindnet", "plugins": [{"type": "ptp"}]}"#,
+    )
+    .unwrap();
+    node.pods.put(pod("plain2", None, ports));
+    let record = node
+        .agent
+        .add(&add_req("plain2", "sb3", "198.18.0.7"))
+        .unwrap()
+        .unwrap();
+    assert!(record.mappings.iter().all(|m| m.owned()));
+    assert_eq!(record.mappings[0].host_port, 8443);
+    std::fs::remove_dir_all(&conf_dir).unwrap();
 }
 
 #[test]

@@ -532,6 +532,8 @@ fn node(mock: &Mock, state: Arc<MemoryStateStore>) -> Node {
         reserved: ReservedPorts::none(),
         annotation_key: KEY.into(),
         pod_wait: Duration::from_secs(3),
+        host_ports: randport_plugin::agent::HostPorts::Auto,
+        cni_conf_dir: None,
     };
     Node {
         agent: Agent::new(config, fx),

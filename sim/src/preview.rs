@@ -59,6 +59,7 @@ pub fn cluster(
                         pod_ips,
                         ports: demo_ports(),
                         mapping_requested: true,
+                        leave_explicit: false,
                     };
                     let mappings = plan(&request, &mut alloc, &mut rng, |_, _| true)?;
                     Ok(SandboxRecord {

@@ -22,7 +22,7 @@ pub(crate) struct Dnat<'a> {
 
 /// Every DNAT of a record, mapping by mapping, pod address by pod address.
 pub(crate) fn dnats(record: &SandboxRecord) -> impl Iterator<Item = Dnat<'_>> {
-    record.mappings.iter().flat_map(move |mapping| {
+    record.owned().flat_map(move |mapping| {
         mapping.targets(&record.pod_ips).map(move |ip| Dnat {
             mapping,
             pod_ip: *ip,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use randport_core::{DEFAULT_ANNOTATION, PortRange, ReservedPorts, SandboxRecord};
-use randport_plugin::agent::{Agent, AgentConfig, Effects};
+use randport_plugin::agent::{Agent, AgentConfig, Effects, HostPorts};
 use randport_plugin::cni::DEFAULT_SOCKET;
 use randport_plugin::conntrack::NetlinkConntrack;
 use randport_plugin::firewall::{self, Backend, IptablesFirewall, NftFirewall};
@@ -69,6 +69,12 @@ struct Cli {
     /// How often our rules are checked and re-applied if someone flushed them.
     #[arg(long, env = "RANDPORT_REPAIR_INTERVAL_MS", default_value_t = 1000)]
     repair_interval_ms: u64,
+    /// Who maps explicit hostPorts: `auto` leaves them to an earlier plugin in the
+    /// conflist with the portMappings capability (portmap) and maps them only when there is
+    /// none (needs --cni-conf-dir to see the chain); `all` maps them always; `annotated`
+    /// never (only the annotation's random ports).
+    #[arg(long, env = "RANDPORT_HOST_PORTS", value_enum, default_value = "auto")]
+    host_ports: HostPorts,
     /// Keep our entry in the node's conflist in this directory (put back within 5 s when a
     /// network plugin rewrites the file). Unset: the conflist is left alone.
     #[arg(long, env = "RANDPORT_CNI_CONF_DIR")]
@@ -260,11 +266,14 @@ fn table(records: &[SandboxRecord]) -> String {
     for r in records {
         let sandbox: String = r.sandbox.0.chars().take(12).collect();
         for m in &r.mappings {
-            let host = match m.host_ip {
+            let mut host = match m.host_ip {
                 Some(ip) if ip.is_ipv6() => format!("[{ip}]:{}", m.host_port),
                 Some(ip) => format!("{ip}:{}", m.host_port),
                 None => format!("*:{}", m.host_port),
             };
+            if m.delegated {
+                host.push_str(" (mapped by an earlier plugin)");
+            }
             let port = format!("{}/{}", m.container_port, m.protocol);
             out.push_str(&format!(
                 "{sandbox:<14} {:<32} {:<12} {port:<12} {host}\n",
@@ -386,6 +395,8 @@ fn run_agent(cli: Cli) -> Result<()> {
         reserved,
         annotation_key: cli.annotation,
         pod_wait: Duration::from_secs(5),
+        host_ports: cli.host_ports,
+        cni_conf_dir: cli.cni_conf_dir.clone(),
     };
     let fx = Effects {
         firewall: firewall::backend(cli.firewall, cli.localhost_access),
@@ -425,6 +436,21 @@ fn run_agent(cli: Cli) -> Result<()> {
         cli.firewall,
         cli.port_range,
         cli.socket.display()
+    );
+    let earlier = cli
+        .cni_conf_dir
+        .as_deref()
+        .and_then(install::earlier_port_mapper_in);
+    eprintln!(
+        "randportd: explicit hostPorts ({:?}): {}",
+        cli.host_ports,
+        match (cli.host_ports, cli.cni_conf_dir.is_some(), earlier) {
+            (HostPorts::All, ..) => "randport maps them".to_owned(),
+            (HostPorts::Annotated, ..) => "left to other plugins; randport maps only the annotation's random ports".to_owned(),
+            (HostPorts::Auto, false, _) => "randport maps them (no --cni-conf-dir to see whether the chain has portmap)".to_owned(),
+            (HostPorts::Auto, true, Some(mapper)) => format!("left to {mapper}, before randport in the conflist (checked at each ADD)"),
+            (HostPorts::Auto, true, None) => "randport maps them: no plugin before it in the conflist has the portMappings capability (checked at each ADD)".to_owned(),
+        }
     );
     server::watchdog(
         agent,
