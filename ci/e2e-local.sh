@@ -15,7 +15,7 @@ if [ "${1:-}" = down ]; then
     [ -n "${2:-}" ] || { echo "usage: ci/e2e-local.sh down DIR" >&2; exit 2; }
     load_cluster_env "$2"
     cluster_down
-    rm -rf "$LC_DIR"
+    rm -rf --one-file-system "$LC_DIR"
     exit 0
 fi
 LC_ASSETS=$(local_cluster_assets) || {
@@ -55,7 +55,7 @@ finish() {
     fi
     step "taking the cluster down"
     cluster_down
-    [ "$rc" -ne 0 ] || rm -rf "$LC_DIR"
+    rm -rf --one-file-system "$LC_DIR"
     exit "$rc"
 }
 trap finish EXIT

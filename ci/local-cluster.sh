@@ -88,6 +88,7 @@ start_in_node() {
     local name="$1"
     shift
     setsid nsenter --net="/run/netns/$LC_NODE_NS" "$@" >>"$LC_DIR/logs/$name.log" 2>&1 </dev/null &
+    disown
     echo $! >"$LC_DIR/$name.pid"
 }
 
@@ -382,6 +383,7 @@ agent_stop() {
     local pid
     pid=$(cat "$LC_DIR/randportd.pid" 2>/dev/null) || return 0
     kill -KILL "$pid" 2>/dev/null || true
+    # (not our child when a test's control script stops it: wait by polling)
     while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
     rm -f "$LC_DIR/randportd.pid"
 }
@@ -398,8 +400,9 @@ load_cluster_env() {
     source "$1/env"
 }
 
-# A small control script the tests call to stop, start or ask the agent (they run in the
-# client namespace and cannot reach the node's socket otherwise).
+# A small control script the tests call to stop, start or ask the agent, or to list
+# randport's nft table (they run in the client namespace and cannot reach the node's socket
+# or firewall otherwise).
 write_agent_control() {
     cat >"$LC_DIR/agent" <<EOF
 #!/usr/bin/env bash
@@ -413,7 +416,8 @@ case "\${1:-}" in
     stop) agent_stop ;;
     start) agent_start ;;
     list) in_node target/debug/randportd list --json --socket "\$LC_DIR/randport/randportd.sock" ;;
-    *) echo "usage: \$0 stop|start|list" >&2; exit 2 ;;
+    table) in_node nft list table inet randport ;;
+    *) echo "usage: \$0 stop|start|list|table" >&2; exit 2 ;;
 esac
 EOF
     chmod +x "$LC_DIR/agent"
