@@ -8,7 +8,7 @@ default:
 demo *ARGS:
     ci/demo.sh {{ARGS}}
 
-# Everything that can run here: workflow schema, shellcheck, fmt, clippy -D warnings, doctests, fuzz smoke, nextest.
+# Everything that can run here: workflow schema, shellcheck, fmt, clippy -D warnings, doctests, fuzz smoke, nextest, and the e2e tests on a real local node where the Kubernetes binaries are.
 test:
     ci/test.sh
 

@@ -55,7 +55,18 @@ finish() {
     fi
     step "taking the cluster down"
     cluster_down
+    local left
+    left=$(cluster_leftovers)
+    if [ -n "$left" ]; then
+        echo "the cluster's cleanup left these behind:" >&2
+        echo "$left" >&2
+        [ "$rc" -ne 0 ] || rc=1
+    fi
     rm -rf --one-file-system "$LC_DIR"
+    if [ -f target/e2e-startup-latency.txt ] && [ "$rc" -eq 0 ]; then
+        step "startup latency on the real node (target/e2e-startup-latency.txt)"
+        cat target/e2e-startup-latency.txt
+    fi
     exit "$rc"
 }
 trap finish EXIT
@@ -66,6 +77,7 @@ start=$SECONDS
 cluster_up
 echo "    cluster up in $((SECONDS - start)) s"
 
+rm -f target/e2e-startup-latency.txt
 step "end-to-end tests (from the client namespace $LC_CLIENT_NS)"
 ip netns exec "$LC_CLIENT_NS" env \
     KUBECONFIG="$LC_DIR/admin.kubeconfig" RANDPORT_E2E=1 RANDPORT_E2E_LOCAL="$LC_DIR" \

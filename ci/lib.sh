@@ -22,6 +22,18 @@ ensure_packages() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# rustfmt and clippy, when the toolchain came without them (rustup's minimal profile, as in
+# the rust:*-trixie images).
+ensure_rust_components() {
+    local missing=()
+    cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt)
+    cargo clippy --version >/dev/null 2>&1 || missing+=(clippy)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    command -v rustup >/dev/null || { echo "missing ${missing[*]} and no rustup to add them" >&2; return 1; }
+    step "adding ${missing[*]} (rustup component add)"
+    rustup component add "${missing[@]}"
+}
+
 ensure_nextest() {
     cargo nextest --version >/dev/null 2>&1 && return 0
     step "installing cargo-nextest"

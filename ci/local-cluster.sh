@@ -342,6 +342,12 @@ install_randport() {
     # The DaemonSet in it gets no pods here (no controller manager, no image registry):
     # the agent below is what it would run.
     kubectl_admin apply -f deploy/randport.yaml >/dev/null
+    # The admission policy where the API serves its kind (1.30+; discovery, as kind-e2e.sh).
+    if grep -q '"validatingadmissionpolicies"' <<<"$(kubectl_admin get --raw /apis/admissionregistration.k8s.io/v1)"; then
+        kubectl_admin apply -f deploy/admission-policy.yaml >/dev/null
+    else
+        echo "    this API server does not serve ValidatingAdmissionPolicy v1: the policy is skipped"
+    fi
     LC_CAPS=$(kubectl_admin -n kube-system get daemonset randport -o \
         jsonpath='{.spec.template.spec.containers[?(@.name=="agent")].securityContext.capabilities.add}' |
         tr -d '[]" ' | tr '[:upper:]' '[:lower:]')
@@ -517,4 +523,23 @@ cluster_down() {
     done
     ip netns delete "$LC_CLIENT_NS" 2>/dev/null || true
     ip netns delete "$LC_NODE_NS" 2>/dev/null || true
+}
+
+# Prints whatever of this run is still on the machine after cluster_down (nothing, when
+# the cleanup worked): namespaces, mounts, processes, cgroups, changed sysctls.
+cluster_leftovers() {
+    ip netns list 2>/dev/null | grep -F "$LC_RUN_NAME" | sed 's/^/network namespace: /' || true
+    awk -v dir="$LC_DIR" 'index($2, dir) == 1 { print "mount: " $2 }' /proc/self/mounts
+    pgrep -af -- "$LC_DIR" 2>/dev/null | grep -v -e pgrep -e cluster_leftovers | sed 's/^/process: /' || true
+    local hierarchy
+    for hierarchy in /sys/fs/cgroup/*/; do
+        [ -d "$hierarchy$LC_RUN_NAME" ] && echo "cgroup: $hierarchy$LC_RUN_NAME"
+    done
+    if [ -f "$LC_DIR/sysctls" ]; then
+        local line
+        while read -r line; do
+            [ "$(sysctl -n "${line%%=*}")" = "${line#*=}" ] || echo "sysctl: ${line%%=*} is $(sysctl -n "${line%%=*}"), was ${line#*=}"
+        done <"$LC_DIR/sysctls"
+    fi
+    return 0
 }
