@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use randport_core::annotation::{AnnotationValue, decode};
 use randport_core::{PodRef, Protocol};
 use randport_itests::{Netns, TestNetns, root_and_tools_or_skip, test_netns};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 const NODE_IP: &str = "192.0.2.1";
@@ -129,11 +130,28 @@ impl Cluster {
         }
     }
 
+    /// Replaces pod `name`'s spec ports (and drops its annotation when `annotated` is false).
+    fn set_pod_ports(&self, name: &str, annotated: bool, ports: Value) {
+        let path = self.dir.join(format!("pods/shop/{name}.json"));
+        let mut pod: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        pod["spec"]["containers"][0]["ports"] = ports;
+        if !annotated {
+            pod["metadata"]["annotations"] = json!({});
+        }
+        std::fs::write(&path, pod.to_string()).unwrap();
+    }
+
     fn socket(&self) -> PathBuf {
         self.dir.join("agent.sock")
     }
 
     fn start_agent(&self) -> AgentProcess {
+        self.start_agent_with(&[])
+    }
+
+    /// The agent with only `capabilities` in its bounding set (as a container that drops
+    /// all others), when some are given.
+    fn start_agent_with(&self, capabilities: &[String]) -> AgentProcess {
         let log = self.dir.join("agent.log");
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -141,13 +159,21 @@ impl Cluster {
             .open(&log)
             .unwrap();
         let _ = std::fs::remove_file(self.socket());
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                self.node.name(),
-                env!("CARGO_BIN_EXE_randportd"),
-            ])
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", self.node.name()]);
+        if !capabilities.is_empty() {
+            let bounding: Vec<String> = capabilities
+                .iter()
+                .map(|c| format!("+{}", c.to_lowercase()))
+                .collect();
+            command.arg("setpriv").arg(format!(
+                "--bounding-set=-all,{}",
+                bounding.join(",")
+            ));
+            command.arg("--");
+        }
+        let child = command
+            .arg(env!("CARGO_BIN_EXE_randportd"))
             .args([
                 "--node-name",
                 "node-0",
@@ -544,4 +570,68 @@ fn switching_backends_removes_the_other_backends_leftovers() {
         .node
         .sh("nft", &["list", "table", "inet", "randport"], "");
     assert!(table.contains(&format!("tcp . {tcp}")), "{table}");
+}
+
+/// The capabilities `deploy/randport.yaml` adds to the agent container (all others are
+/// dropped there), read from the manifest itself.
+fn daemonset_capabilities() -> Vec<String> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/randport.yaml"
+    ))
+    .unwrap();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let doc = Value::deserialize(doc).unwrap();
+        if doc["kind"] != "DaemonSet" || doc["metadata"]["name"] != "randport" {
+            continue;
+        }
+        let agent = doc["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "agent")
+            .expect("the agent container");
+        let security = &agent["securityContext"]["capabilities"];
+        assert_eq!(security["drop"], json!(["ALL"]), "the agent drops all others");
+        return security["add"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_owned())
+            .collect();
+    }
+    panic!("no DaemonSet randport in deploy/randport.yaml");
+}
+
+#[test]
+fn privileged_host_ports_work_with_exactly_the_daemonsets_capabilities() {
+    let test = "privileged_host_ports_work_with_exactly_the_daemonsets_capabilities";
+    if !root_and_tools_or_skip(test, &["nft", "setpriv"]) {
+        return;
+    }
+    let capabilities = daemonset_capabilities();
+    let cluster = Cluster::new("nftables");
+    // An ingress controller's pod: hostPort 80 (TCP) and 443 (UDP, as QUIC), no annotation.
+    cluster.set_pod_ports(
+        "pod-a",
+        false,
+        json!([{"containerPort": 8080, "protocol": "TCP", "hostPort": 80},
+               {"containerPort": 8081, "protocol": "UDP", "hostPort": 443}]),
+    );
+    let agent = cluster.start_agent_with(&capabilities);
+    let (ok, out) = cluster.cni("ADD", "sb-pod-a", "pod-a");
+    assert!(
+        ok,
+        "ADD with hostPorts 80 and 443 under the DaemonSet's capabilities {capabilities:?} \
+         failed: {out}\nagent log:\n{}",
+        std::fs::read_to_string(&agent.log).unwrap_or_default()
+    );
+    assert_eq!(tcp_hello(&cluster.client, 80).as_deref(), Ok("pod-a"));
+    assert_eq!(udp_hello(&cluster.client, 443).as_deref(), Ok("pod-a"));
+    // Held: nothing else on the node can take them.
+    let held = cluster.node.inside(|| {
+        TcpListener::bind("0.0.0.0:80").is_err() && UdpSocket::bind("0.0.0.0:443").is_err()
+    });
+    assert!(held, "hostPorts 80 and 443 are not held");
+    assert!(cluster.cni("DEL", "sb-pod-a", "pod-a").0);
 }
