@@ -357,7 +357,8 @@ install_randport() {
     token=$(kubectl_admin -n kube-system create token randport --duration=48h)
     write_kubeconfig agent "$token"
     in_node target/debug/randportd install --binary target/debug/randport \
-        --cni-bin-dir "$bin" --cni-conf-dir "$conf" --socket "$LC_DIR/randport/randportd.sock"
+        --cni-bin-dir "$bin" --cni-conf-dir "$conf" --socket "$LC_DIR/randport/randportd.sock" \
+        --state-dir "$LC_DIR/randport/state"
     grep -q '"type": "randport"' "$conf/10-bridge.conflist" \
         || { echo "randport is not in $conf/10-bridge.conflist after install" >&2; return 1; }
     agent_start

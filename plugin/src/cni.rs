@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use randport_core::{PodRef, SandboxId};
 use rscni_types::error::Error as CniError;
@@ -18,6 +18,13 @@ use crate::rpc::{AddRequest, Request, Response, RpcError};
 
 /// The agent's default socket.
 pub const DEFAULT_SOCKET: &str = "/run/randport/randportd.sock";
+/// The agent's default state directory (its records).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/randport";
+
+/// What a DEL does when the agent cannot be reached: removes the sandbox's mappings
+/// itself, given the agent's state directory (see [`crate::offline`]); the error says why
+/// it could not.
+pub type DelWithoutAgent<'a> = &'a mut dyn FnMut(&Path, &SandboxId) -> Result<(), String>;
 
 /// The spec versions randport speaks.
 pub fn plugin_info() -> PluginInfo {
@@ -81,11 +88,25 @@ fn failure(version: SpecVersion, error: &CniError) -> Outcome {
 }
 
 /// Runs one CNI invocation: `env` and the config on `stdin`; `call` reaches the agent
-/// (the socket in the config is passed to it).
+/// (the socket in the config is passed to it). A DEL that cannot reach the agent fails
+/// (code 11); [`run_with`] gives it a way to remove the mappings itself.
 pub fn run(
     env: &CniEnv,
     stdin: &[u8],
     call: &mut dyn FnMut(&PathBuf, &Request) -> Result<Response, RpcError>,
+) -> Outcome {
+    run_with(env, stdin, call, &mut |_, _| {
+        Err("this caller cannot remove mappings itself".into())
+    })
+}
+
+/// [`run`], with `del_without_agent` for a DEL when the agent cannot be reached (the state
+/// directory comes from the config's `stateDir`, else [`DEFAULT_STATE_DIR`]).
+pub fn run_with(
+    env: &CniEnv,
+    stdin: &[u8],
+    call: &mut dyn FnMut(&PathBuf, &Request) -> Result<Response, RpcError>,
+    del_without_agent: DelWithoutAgent<'_>,
 ) -> Outcome {
     let info = plugin_info();
     let cmd: Cmd = match env.command.parse() {
@@ -133,7 +154,27 @@ pub fn run(
             );
         }
     };
-    match invoke(cmd, env, &raw, &conf, &socket, call) {
+    let state_dir = match raw.get("stateDir") {
+        None | Some(Value::Null) => PathBuf::from(DEFAULT_STATE_DIR),
+        Some(Value::String(s)) if s.starts_with('/') => PathBuf::from(s),
+        Some(other) => {
+            return failure(
+                version,
+                &CniError::InvalidNetworkConfig(format!(
+                    "\"stateDir\" must be an absolute path, not {other}"
+                )),
+            );
+        }
+    };
+    match invoke(
+        cmd,
+        env,
+        &raw,
+        &conf,
+        (&socket, &state_dir),
+        call,
+        del_without_agent,
+    ) {
         Ok(stdout) => {
             let stdout = match stdout {
                 Some(mut result) => {
@@ -209,8 +250,9 @@ fn invoke(
     env: &CniEnv,
     raw: &Value,
     conf: &NetConf,
-    socket: &PathBuf,
+    (socket, state_dir): (&PathBuf, &PathBuf),
     call: &mut dyn FnMut(&PathBuf, &Request) -> Result<Response, RpcError>,
+    del_without_agent: DelWithoutAgent<'_>,
 ) -> Result<Option<Value>, CniError> {
     let request = match cmd {
         Cmd::Add => {
@@ -244,7 +286,19 @@ fn invoke(
         Cmd::Status => Request::Status,
         Cmd::Version => return Ok(None),
     };
-    match call(socket, &request).map_err(|e| agent_error(e, cmd))? {
+    let response = match (call(socket, &request), &request) {
+        // A DEL never blocks the node: without the agent, the plugin removes the mappings.
+        (Err(e @ RpcError::Connect { .. }), Request::Del { sandbox }) => {
+            return match del_without_agent(state_dir, sandbox) {
+                Ok(()) => Ok(None),
+                Err(why) => Err(CniError::TryAgainLater(format!(
+                    "{e}; removing sandbox {sandbox}'s mappings without it failed too: {why}"
+                ))),
+            };
+        }
+        (result, _) => result.map_err(|e| agent_error(e, cmd))?,
+    };
+    match response {
         Response::Error(reply) => Err(match reply.code {
             5 => CniError::IOFailure(reply.details),
             6 => CniError::FailedToDecode(reply.details),
@@ -360,6 +414,86 @@ mod tests {
             "{}",
             out.stdout
         );
+    }
+
+    fn unreachable() -> Result<Response, RpcError> {
+        Err(RpcError::Connect {
+            path: "/run/randport/randportd.sock".into(),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        })
+    }
+
+    /// Runs with an unreachable agent and a recording DEL-without-agent that answers
+    /// `offline`; the outcome and what it was asked.
+    fn run_agent_down(
+        command: &str,
+        conf: &Value,
+        offline: Result<(), String>,
+    ) -> (Outcome, Vec<(PathBuf, SandboxId)>) {
+        let mut asked = Vec::new();
+        let mut offline = Some(offline);
+        let out = super::run_with(
+            &env(command),
+            conf.to_string().as_bytes(),
+            &mut |_, _| unreachable(),
+            &mut |dir, sandbox| {
+                asked.push((dir.to_owned(), sandbox.clone()));
+                offline.take().expect("one removal")
+            },
+        );
+        (out, asked)
+    }
+
+    #[test]
+    fn del_with_the_agent_down_removes_the_mappings_itself_and_succeeds() {
+        let (out, asked) = run_agent_down("DEL", &conf("1.0.0"), Ok(()));
+        assert!(out.success && out.stdout.is_empty(), "{}", out.stdout);
+        assert_eq!(
+            asked,
+            vec![(PathBuf::from(DEFAULT_STATE_DIR), SandboxId("c0ffee".into()))]
+        );
+        // The state directory comes from the config.
+        let mut c = conf("1.0.0");
+        c["stateDir"] = json!("/tmp/randport-state");
+        let (_, asked) = run_agent_down("DEL", &c, Ok(()));
+        assert_eq!(asked[0].0, PathBuf::from("/tmp/randport-state"));
+        c["stateDir"] = json!("state");
+        let (out, asked) = run_agent_down("DEL", &c, Ok(()));
+        assert!(
+            out.stdout.contains("\"code\":7") && asked.is_empty(),
+            "{}",
+            out.stdout
+        );
+        // When that fails too, the runtime is told to retry, with both reasons.
+        let (out, _) = run_agent_down("DEL", &conf("1.0.0"), Err("nft failed".into()));
+        assert!(!out.success);
+        assert!(
+            out.stdout.contains("\"code\":11")
+                && out.stdout.contains("is the randport agent running")
+                && out.stdout.contains("nft failed"),
+            "{}",
+            out.stdout
+        );
+    }
+
+    #[test]
+    fn add_and_check_with_the_agent_down_fail_with_code_11_and_touch_nothing() {
+        for command in ["ADD", "CHECK"] {
+            let (out, asked) = run_agent_down(command, &conf("1.0.0"), Ok(()));
+            assert!(!out.success, "{command}");
+            assert!(
+                out.stdout.contains("\"code\":11"),
+                "{command}: {}",
+                out.stdout
+            );
+            assert!(
+                out.stdout
+                    .contains("is the randport agent running on this node"),
+                "{command}: {}",
+                out.stdout
+            );
+            assert!(asked.is_empty(), "{command} removed something");
+        }
     }
 
     #[test]

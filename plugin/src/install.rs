@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::cni::DEFAULT_SOCKET;
+use crate::cni::{DEFAULT_SOCKET, DEFAULT_STATE_DIR};
 use crate::state::write_atomic;
 
 /// Our plugin's `type` in a conflist.
@@ -57,11 +57,15 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> InstallError + '_ {
     }
 }
 
-/// Our conflist entry; the socket only when it is not the default.
-pub fn entry(socket: &Path) -> Value {
+/// Our conflist entry; the socket and the agent's state directory (where a DEL without
+/// the agent finds the records) only when they are not the defaults.
+pub fn entry(socket: &Path, state_dir: &Path) -> Value {
     let mut entry = json!({ "type": PLUGIN_TYPE });
     if socket != Path::new(DEFAULT_SOCKET) {
         entry["socket"] = Value::String(socket.display().to_string());
+    }
+    if state_dir != Path::new(DEFAULT_STATE_DIR) {
+        entry["stateDir"] = Value::String(state_dir.display().to_string());
     }
     entry
 }
@@ -176,11 +180,12 @@ fn write_json(path: &Path, value: &Value) -> Result<(), InstallError> {
     write_atomic(path, &bytes).map_err(io_error(path))
 }
 
-/// Puts our entry into the runtime's conflist in `dir`; returns the file when it changed it.
-pub fn ensure_entry(dir: &Path, socket: &Path) -> Result<Option<PathBuf>, InstallError> {
+/// Puts our entry ([`entry`]) into the runtime's conflist in `dir`; returns the file when
+/// it changed it.
+pub fn ensure_entry(dir: &Path, ours: &Value) -> Result<Option<PathBuf>, InstallError> {
     let path = active_config(dir)?;
     let conflist = read_json(&path)?;
-    match with_entry(&path, &conflist, &entry(socket))? {
+    match with_entry(&path, &conflist, ours)? {
         Some(changed) => {
             write_json(&path, &changed)?;
             Ok(Some(path))
@@ -281,7 +286,11 @@ mod tests {
         // kindnet's chain: portmap before randport.
         let dir = dir_with(&[("10-kindnet.conflist", KINDNET)]);
         assert_eq!(earlier_port_mapper_in(&dir), Some("portmap".into()));
-        ensure_entry(&dir, Path::new(DEFAULT_SOCKET)).unwrap();
+        ensure_entry(
+            &dir,
+            &entry(Path::new(DEFAULT_SOCKET), Path::new(DEFAULT_STATE_DIR)),
+        )
+        .unwrap();
         assert_eq!(earlier_port_mapper_in(&dir), Some("portmap".into()));
         fs::remove_dir_all(&dir).unwrap();
 
@@ -320,11 +329,17 @@ mod tests {
         let file = dir.join("10-kindnet.conflist");
         let socket = Path::new(DEFAULT_SOCKET);
 
-        assert_eq!(ensure_entry(&dir, socket).unwrap(), Some(file.clone()));
+        assert_eq!(
+            ensure_entry(&dir, &entry(socket, Path::new(DEFAULT_STATE_DIR))).unwrap(),
+            Some(file.clone())
+        );
         assert_eq!(plugin_types(&file), ["ptp", "portmap", "randport"]);
         let installed = fs::read(&file).unwrap();
         // Idempotent: a second install does not even rewrite the file.
-        assert_eq!(ensure_entry(&dir, socket).unwrap(), None);
+        assert_eq!(
+            ensure_entry(&dir, &entry(socket, Path::new(DEFAULT_STATE_DIR))).unwrap(),
+            None
+        );
         assert_eq!(fs::read(&file).unwrap(), installed);
 
         // Everything that was there is still there, in the same order.
@@ -345,8 +360,19 @@ mod tests {
     fn a_changed_socket_replaces_our_entry_in_place() {
         let dir = dir_with(&[("10-kindnet.conflist", KINDNET)]);
         let file = dir.join("10-kindnet.conflist");
-        ensure_entry(&dir, Path::new(DEFAULT_SOCKET)).unwrap();
-        ensure_entry(&dir, Path::new("/run/other/randportd.sock")).unwrap();
+        ensure_entry(
+            &dir,
+            &entry(Path::new(DEFAULT_SOCKET), Path::new(DEFAULT_STATE_DIR)),
+        )
+        .unwrap();
+        ensure_entry(
+            &dir,
+            &entry(
+                Path::new("/run/other/randportd.sock"),
+                Path::new(DEFAULT_STATE_DIR),
+            ),
+        )
+        .unwrap();
         assert_eq!(plugin_types(&file), ["ptp", "portmap", "randport"]);
         assert_eq!(
             read_json(&file).unwrap()["plugins"][2]["socket"],
@@ -367,7 +393,11 @@ mod tests {
             active_config(&dir).unwrap(),
             dir.join("10-kindnet.conflist")
         );
-        ensure_entry(&dir, Path::new(DEFAULT_SOCKET)).unwrap();
+        ensure_entry(
+            &dir,
+            &entry(Path::new(DEFAULT_SOCKET), Path::new(DEFAULT_STATE_DIR)),
+        )
+        .unwrap();
         assert_eq!(
             plugin_types(&dir.join("20-other.conflist")),
             ["ptp", "portmap"]
@@ -378,7 +408,11 @@ mod tests {
     #[test]
     fn configs_that_cannot_chain_are_refused_with_the_way_out() {
         let empty = dir_with(&[]);
-        let e = ensure_entry(&empty, Path::new(DEFAULT_SOCKET)).unwrap_err();
+        let e = ensure_entry(
+            &empty,
+            &entry(Path::new(DEFAULT_SOCKET), Path::new(DEFAULT_STATE_DIR)),
+        )
+        .unwrap_err();
         assert!(
             e.to_string()
                 .contains("install the cluster's network plugin first"),
@@ -386,7 +420,11 @@ mod tests {
         );
 
         let single = dir_with(&[("10-bridge.conf", r#"{"type": "bridge"}"#)]);
-        let e = ensure_entry(&single, Path::new(DEFAULT_SOCKET)).unwrap_err();
+        let e = ensure_entry(
+            &single,
+            &entry(Path::new(DEFAULT_SOCKET), Path::new(DEFAULT_STATE_DIR)),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("turn it into a .conflist"), "{e}");
         assert_eq!(
             fs::read_to_string(single.join("10-bridge.conf")).unwrap(),
@@ -394,7 +432,11 @@ mod tests {
         );
 
         let broken = dir_with(&[("10-x.conflist", "{not json")]);
-        let e = ensure_entry(&broken, Path::new(DEFAULT_SOCKET)).unwrap_err();
+        let e = ensure_entry(
+            &broken,
+            &entry(Path::new(DEFAULT_SOCKET), Path::new(DEFAULT_STATE_DIR)),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("not JSON"), "{e}");
         for d in [empty, single, broken] {
             fs::remove_dir_all(d).unwrap();

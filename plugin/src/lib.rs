@@ -20,6 +20,7 @@ pub mod kube_pods;
 pub mod metrics;
 pub mod netlink;
 pub mod node_ports;
+pub mod offline;
 pub mod pods;
 pub mod rpc;
 pub mod server;

@@ -166,10 +166,9 @@ impl Cluster {
                 .iter()
                 .map(|c| format!("+{}", c.to_lowercase()))
                 .collect();
-            command.arg("setpriv").arg(format!(
-                "--bounding-set=-all,{}",
-                bounding.join(",")
-            ));
+            command
+                .arg("setpriv")
+                .arg(format!("--bounding-set=-all,{}", bounding.join(",")));
             command.arg("--");
         }
         let child = command
@@ -231,10 +230,12 @@ impl Cluster {
         let pod_index = self.pods.iter().position(|(n, _)| n == pod).unwrap_or(0);
         let conf = json!({
             "cniVersion": "1.1.0", "name": "sim", "type": "randport", "socket": self.socket(),
+            "stateDir": self.dir.join("state"),
             "prevResult": {"cniVersion": "1.1.0", "interfaces": [{"name": "eth0"}],
                            "ips": [{"address": format!("198.18.{pod_index}.2/24"), "gateway": format!("198.18.{pod_index}.1")}]}
         });
-        common::run_plugin(command, sandbox, pod, "", &conf)
+        // On the node, as a runtime runs it: a DEL without the agent works on its firewall.
+        common::run_plugin_in(Some(self.node.name()), command, sandbox, pod, "", &conf)
     }
 
     fn add(&self, pod: &str) -> (u16, u16) {
@@ -592,7 +593,11 @@ fn daemonset_capabilities() -> Vec<String> {
             .find(|c| c["name"] == "agent")
             .expect("the agent container");
         let security = &agent["securityContext"]["capabilities"];
-        assert_eq!(security["drop"], json!(["ALL"]), "the agent drops all others");
+        assert_eq!(
+            security["drop"],
+            json!(["ALL"]),
+            "the agent drops all others"
+        );
         return security["add"]
             .as_array()
             .unwrap()
@@ -634,4 +639,113 @@ fn privileged_host_ports_work_with_exactly_the_daemonsets_capabilities() {
     });
     assert!(held, "hostPorts 80 and 443 are not held");
     assert!(cluster.cni("DEL", "sb-pod-a", "pod-a").0);
+}
+
+/// Replaces pod `name`'s namespace with a new pod `new_name` on the same veth and address
+/// (IPAM handing the old pod's IP to a new one), serving the same ports.
+fn reuse_pod_ip(cluster: &mut Cluster, name: &str, new_name: &str) {
+    let i = cluster.pods.iter().position(|(n, _)| n == name).unwrap();
+    cluster.node.ipc(&["link", "del", &format!("veth{i}")]);
+    cluster.pods.remove(i);
+    let ns = test_netns(new_name);
+    ns.lo_up().unwrap();
+    cluster.node.link_to(
+        &format!("veth{i}n"),
+        &format!("198.18.{i}.1/24"),
+        &ns,
+        "eth0",
+        &format!("198.18.{i}.2/24"),
+    );
+    ns.ipc(&["route", "add", "default", "via", &format!("198.18.{i}.1")]);
+    serve(&ns, new_name);
+    cluster.pods.insert(i, (new_name.to_owned(), ns));
+}
+
+fn del_without_the_agent_never_blocks_and_leaves_nothing(backend: &'static str) {
+    let mut cluster = Cluster::new(backend);
+    let agent = cluster.start_agent();
+    let (a_tcp, a_udp) = cluster.add("pod-a");
+    let (b_tcp, _) = cluster.add("pod-b");
+    assert_eq!(tcp_hello(&cluster.client, a_tcp).as_deref(), Ok("pod-a"));
+    assert_eq!(udp_hello(&cluster.client, a_udp).as_deref(), Ok("pod-a"));
+    assert!(conntrack_entries(&cluster.node, a_udp) > 0);
+
+    // The agent dies (SIGKILL); the runtime deletes pod-a's sandbox.
+    drop(agent);
+    let started = Instant::now();
+    let (ok, out) = cluster.cni("DEL", "sb-pod-a", "pod-a");
+    let took = started.elapsed();
+    assert!(ok, "{backend}: DEL with the agent down failed: {out}");
+    assert!(
+        took < Duration::from_secs(2),
+        "{backend}: DEL took {took:?}"
+    );
+    // Its UDP flows are gone at once (the plugin flushed them), its record too.
+    assert_eq!(conntrack_entries(&cluster.node, a_udp), 0, "{backend}");
+    let records: Vec<String> = std::fs::read_dir(cluster.dir.join("state"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    assert_eq!(records, vec!["sb-pod-b.json".to_owned()], "{backend}");
+
+    // IPAM gives pod-a's address to a new pod listening on the same ports.
+    reuse_pod_ip(&mut cluster, "pod-a", "pod-c");
+    let no_answer = |cluster: &Cluster, when: &str| {
+        let tcp = tcp_hello(&cluster.client, a_tcp);
+        assert!(
+            tcp.is_err(),
+            "{backend} {when}: old TCP port {a_tcp} reached {tcp:?}"
+        );
+        let udp = udp_hello(&cluster.client, a_udp);
+        assert!(
+            udp.is_err(),
+            "{backend} {when}: old UDP port {a_udp} reached {udp:?}"
+        );
+    };
+    no_answer(&cluster, "with the agent down");
+    // pod-b's mapping was left alone.
+    assert_eq!(tcp_hello(&cluster.client, b_tcp).as_deref(), Ok("pod-b"));
+
+    // The agent comes back and finds nothing of pod-a's sandbox: no record, no hold, no rule.
+    let _agent = cluster.start_agent();
+    no_answer(&cluster, "after the agent came back");
+    let listing = cluster.list(&[]);
+    assert!(!listing.contains("pod-a"), "{backend}: {listing}");
+    assert!(listing.contains("pod-b"), "{backend}: {listing}");
+    let free = cluster.node.inside(move || {
+        TcpListener::bind(("0.0.0.0", a_tcp)).is_ok() && UdpSocket::bind(("0.0.0.0", a_udp)).is_ok()
+    });
+    assert!(free, "{backend}: pod-a's host ports are held again");
+    let tag = randport_core::SandboxId("sb-pod-a".into()).tag();
+    let rules = if backend == "nftables" {
+        cluster
+            .node
+            .sh("nft", &["list", "table", "inet", "randport"], "")
+    } else {
+        cluster.node.sh("iptables-save", &["-t", "nat"], "")
+    };
+    assert!(
+        !rules.contains(&tag),
+        "{backend}: a rule of pod-a is left:\n{rules}"
+    );
+    assert_eq!(tcp_hello(&cluster.client, b_tcp).as_deref(), Ok("pod-b"));
+    // A second DEL (the runtime retries) is fine with the agent up too.
+    assert!(cluster.cni("DEL", "sb-pod-a", "pod-a").0);
+}
+
+#[test]
+fn nftables_del_without_the_agent_never_blocks_and_leaves_nothing() {
+    let test = "nftables_del_without_the_agent_never_blocks_and_leaves_nothing";
+    if ready(test, "nftables") {
+        del_without_the_agent_never_blocks_and_leaves_nothing("nftables");
+    }
+}
+
+#[test]
+fn iptables_del_without_the_agent_never_blocks_and_leaves_nothing() {
+    let test = "iptables_del_without_the_agent_never_blocks_and_leaves_nothing";
+    if ready(test, "iptables") {
+        del_without_the_agent_never_blocks_and_leaves_nothing("iptables");
+    }
 }

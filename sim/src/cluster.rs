@@ -701,9 +701,14 @@ impl Cluster {
             .collect();
         let conf = json!({
             "cniVersion": "1.1.0", "name": "randport-sim", "type": "randport", "socket": node.socket(),
+            "stateDir": node.dir.join("state"),
             "prevResult": {"cniVersion": "1.1.0", "interfaces": [{"name": "eth0"}], "ips": prev_ips}
         });
-        let mut child = Command::new(&self.bins.plugin)
+        // In the node's network namespace, as a runtime runs it on its node: a DEL with
+        // the agent down removes the mappings from that namespace's firewall itself.
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", node.ns.path()))
+            .arg(&self.bins.plugin)
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", &sandbox.0)
             .env("CNI_NETNS", "/run/netns/sim")

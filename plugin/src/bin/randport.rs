@@ -1,11 +1,15 @@
 //! `randport`: the CNI plugin. Reads the runtime's request, asks randportd, prints the
-//! result or a CNI error (exit status 1).
+//! result or a CNI error (exit status 1). A DEL with randportd down removes the sandbox's
+//! mappings itself (see `randport_plugin::offline`), so that it never blocks the node.
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use randport_plugin::cni::{CniEnv, run};
+use randport_plugin::cni::{CniEnv, run_with};
+use randport_plugin::conntrack::NetlinkConntrack;
+use randport_plugin::firewall;
+use randport_plugin::offline;
 use randport_plugin::rpc::call;
 
 /// How long one request to the agent may take (ADD may wait for a new pod to appear).
@@ -17,9 +21,26 @@ fn main() -> ExitCode {
     if env.command != "VERSION" {
         let _ = std::io::stdin().read_to_end(&mut stdin);
     }
-    let outcome = run(&env, &stdin, &mut |socket, request| {
-        call(socket, request, AGENT_TIMEOUT)
-    });
+    let outcome = run_with(
+        &env,
+        &stdin,
+        &mut |socket, request| call(socket, request, AGENT_TIMEOUT),
+        &mut |state_dir, sandbox| {
+            let backend =
+                |info: offline::AgentInfo| firewall::backend(info.firewall, info.localhost_access);
+            let removed = offline::remove_sandbox(state_dir, sandbox, &backend, &NetlinkConntrack)?;
+            // The runtime keeps the plugin's stderr in its log: say what happened.
+            eprintln!(
+                "randport: DEL {sandbox}: randportd is not reachable; {}",
+                if removed {
+                    "removed the sandbox's rules, conntrack entries and record without it"
+                } else {
+                    "nothing of this sandbox was recorded"
+                }
+            );
+            Ok(())
+        },
+    );
     let mut out = std::io::stdout();
     let _ = out.write_all(outcome.stdout.as_bytes());
     let _ = out.flush();

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use randport_core::{DEFAULT_ANNOTATION, PortRange, ReservedPorts, SandboxRecord};
 use randport_plugin::agent::{Agent, AgentConfig, Effects, HostPorts};
-use randport_plugin::cni::DEFAULT_SOCKET;
+use randport_plugin::cni::{DEFAULT_SOCKET, DEFAULT_STATE_DIR};
 use randport_plugin::conntrack::NetlinkConntrack;
 use randport_plugin::firewall::{self, Backend, IptablesFirewall, NftFirewall};
 use randport_plugin::holder::SocketHolder;
@@ -17,6 +17,7 @@ use randport_plugin::install;
 #[cfg(feature = "kube")]
 use randport_plugin::kube_pods::{KubePodSource, KubeSettings};
 use randport_plugin::node_ports::{NodePorts, overlap_warning};
+use randport_plugin::offline;
 use randport_plugin::pods::{DirPodSource, PodSource};
 use randport_plugin::rpc::{Request, Response, call};
 use randport_plugin::server;
@@ -42,7 +43,12 @@ struct Cli {
     #[arg(long, env = "RANDPORT_SOCKET", default_value = DEFAULT_SOCKET, global = true)]
     socket: PathBuf,
     /// Where sandbox records are kept.
-    #[arg(long, env = "RANDPORT_STATE_DIR", default_value = "/var/lib/randport")]
+    #[arg(
+        long,
+        env = "RANDPORT_STATE_DIR",
+        default_value = DEFAULT_STATE_DIR,
+        global = true
+    )]
     state_dir: PathBuf,
     /// Random host ports come from this range.
     #[arg(long, env = "RANDPORT_PORT_RANGE", default_value = "20000-29999")]
@@ -125,7 +131,13 @@ fn main() -> Result<()> {
             ref binary,
             ref cni_bin_dir,
             ref cni_conf_dir,
-        }) => install_on_node(binary.as_deref(), cni_bin_dir, cni_conf_dir, &cli.socket),
+        }) => install_on_node(
+            binary.as_deref(),
+            cni_bin_dir,
+            cni_conf_dir,
+            &cli.socket,
+            &cli.state_dir,
+        ),
         Some(Command::Uninstall {
             ref cni_bin_dir,
             ref cni_conf_dir,
@@ -161,6 +173,7 @@ fn install_on_node(
     bin_dir: &std::path::Path,
     conf_dir: &std::path::Path,
     socket: &std::path::Path,
+    state_dir: &std::path::Path,
 ) -> Result<()> {
     let binary = match binary {
         Some(b) => b.to_owned(),
@@ -175,7 +188,7 @@ fn install_on_node(
         if copied { "installed" } else { "up to date:" },
         bin_dir.join(install::PLUGIN_TYPE).display()
     );
-    match install::ensure_entry(conf_dir, socket)? {
+    match install::ensure_entry(conf_dir, &install::entry(socket, state_dir))? {
         Some(file) => println!("added randport to {}", file.display()),
         None => println!(
             "randport is already in {}",
@@ -239,11 +252,11 @@ fn uninstall_from_node(
 }
 
 /// Puts our entry back when a network plugin rewrites its conflist (kindnet does on start).
-fn keep_conflist_entry(dir: &std::path::Path, socket: &std::path::Path) {
+fn keep_conflist_entry(dir: &std::path::Path, ours: &serde_json::Value) {
     let mut last_error = String::new();
     loop {
         std::thread::sleep(Duration::from_secs(5));
-        match install::ensure_entry(dir, socket) {
+        match install::ensure_entry(dir, ours) {
             Ok(Some(file)) => eprintln!(
                 "randportd: our entry was missing from {}; put it back",
                 file.display()
@@ -331,15 +344,37 @@ fn run_agent(cli: Cli) -> Result<()> {
     };
     if let Some(dir) = &cli.cni_conf_dir {
         // Before serving: a conflist without us means pods started now get no ports.
-        match install::ensure_entry(dir, &cli.socket) {
+        let ours = install::entry(&cli.socket, &cli.state_dir);
+        match install::ensure_entry(dir, &ours) {
             Ok(Some(file)) => eprintln!("randportd: added randport to {}", file.display()),
             Ok(None) => {}
             Err(e) => eprintln!("randportd: warning: {e}"),
         }
-        let (dir, socket) = (dir.clone(), cli.socket.clone());
-        std::thread::spawn(move || keep_conflist_entry(&dir, &socket));
+        let dir = dir.clone();
+        std::thread::spawn(move || keep_conflist_entry(&dir, &ours));
     }
     let state = DirStateStore::open(&cli.state_dir)?;
+    // Before the records are read, and for the agent's whole life: a plugin that removes a
+    // sandbox while no agent answers takes this lock (see randport_plugin::offline).
+    let _state_lock = offline::StateLock::acquire(&cli.state_dir).with_context(|| {
+        format!(
+            "locking {}",
+            cli.state_dir.join(offline::LOCK_FILE).display()
+        )
+    })?;
+    offline::write_info(
+        &cli.state_dir,
+        &offline::AgentInfo {
+            firewall: cli.firewall,
+            localhost_access: cli.localhost_access,
+        },
+    )
+    .with_context(|| {
+        format!(
+            "writing {}",
+            cli.state_dir.join(offline::INFO_FILE).display()
+        )
+    })?;
     let sysctl_dir = std::path::Path::new(randport_plugin::node_ports::DEFAULT_SYSCTL_DIR);
     if cli.localhost_access {
         if cli.firewall != Backend::Nftables {

@@ -1,0 +1,301 @@
+//! DEL without the agent. A DEL must never block a node: when randportd is down (crashed,
+//! upgrading, deleted without the uninstaller), the runtime would retry the DEL for ever,
+//! the pod would hang in Terminating and its IP would never be released, and when IPAM
+//! hands that IP to a new pod, the old host ports' DNAT would reach it. So the plugin
+//! removes that one sandbox's mappings itself: its rules in one transaction of the
+//! agent's backend, its UDP/SCTP conntrack entries, and its record.
+//!
+//! The agent and such a plugin never work on the records at once: the agent holds an
+//! exclusive lock on `<state dir>/agent.lock` for its whole life, taken before it reads
+//! the records; the plugin takes the same lock, without waiting for long, before it
+//! touches anything. The agent writes its firewall settings to `<state dir>/agent.info`
+//! for the plugin to use the same backend.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+use randport_core::{PortKey, SandboxId};
+use serde::{Deserialize, Serialize};
+
+use crate::conntrack::{Conntrack, needs_flush};
+use crate::firewall::{Backend, Firewall};
+use crate::state::{DirStateStore, StateStore, write_atomic};
+
+/// The lock file in the state directory.
+pub const LOCK_FILE: &str = "agent.lock";
+/// The agent's firewall settings in the state directory.
+pub const INFO_FILE: &str = "agent.info";
+/// How long a DEL waits for the lock an agent holds (a starting agent) before it gives up.
+pub const LOCK_WAIT: Duration = Duration::from_millis(1500);
+
+/// An exclusive lock on the records; released when dropped (or when its process dies).
+#[derive(Debug)]
+pub struct StateLock {
+    _lock: Flock<File>,
+}
+
+impl StateLock {
+    fn open(state_dir: &Path) -> std::io::Result<File> {
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(state_dir.join(LOCK_FILE))
+    }
+
+    /// Waits for the lock (the agent, at start).
+    pub fn acquire(state_dir: &Path) -> std::io::Result<StateLock> {
+        let lock = Flock::lock(Self::open(state_dir)?, FlockArg::LockExclusive)
+            .map_err(|(_, e)| std::io::Error::from(e))?;
+        Ok(StateLock { _lock: lock })
+    }
+
+    /// The lock if nobody holds it.
+    pub fn try_acquire(state_dir: &Path) -> std::io::Result<Option<StateLock>> {
+        match Flock::lock(Self::open(state_dir)?, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(StateLock { _lock: lock })),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(e.into()),
+        }
+    }
+}
+
+/// What a plugin needs to know of the agent's firewall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentInfo {
+    /// The backend.
+    pub firewall: Backend,
+    /// Whether `--localhost-access` is on (its nft table has a guard chain).
+    pub localhost_access: bool,
+}
+
+impl Default for AgentInfo {
+    fn default() -> Self {
+        AgentInfo {
+            firewall: Backend::Nftables,
+            localhost_access: false,
+        }
+    }
+}
+
+/// Writes the agent's settings for plugins that remove a sandbox without it.
+pub fn write_info(state_dir: &Path, info: &AgentInfo) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(info).map_err(std::io::Error::other)?;
+    write_atomic(&state_dir.join(INFO_FILE), &bytes)
+}
+
+/// The agent's settings, or the defaults when it never wrote them.
+pub fn read_info(state_dir: &Path) -> AgentInfo {
+    std::fs::read(state_dir.join(INFO_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+/// Removes `sandbox`'s mappings with the agent down: takes the state lock (waiting up to
+/// [`LOCK_WAIT`] for an agent that is starting), then removes its rules in one
+/// transaction, flushes its UDP/SCTP conntrack entries and deletes its record. Nothing
+/// recorded is success. Returns whether a record was removed; the error says what failed.
+pub fn remove_sandbox(
+    state_dir: &Path,
+    sandbox: &SandboxId,
+    firewall: &dyn Fn(AgentInfo) -> Box<dyn Firewall>,
+    conntrack: &dyn Conntrack,
+) -> Result<bool, String> {
+    if !state_dir.is_dir() {
+        // No agent ever ran here with this state directory: nothing is mapped.
+        return Ok(false);
+    }
+    let deadline = Instant::now() + LOCK_WAIT;
+    let _lock = loop {
+        match StateLock::try_acquire(state_dir) {
+            Ok(Some(lock)) => break lock,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                return Err(format!(
+                    "randportd holds {} but does not answer: it is starting, or stuck; the \
+                     runtime retries the DEL",
+                    state_dir.join(LOCK_FILE).display()
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot lock {}: {e}",
+                    state_dir.join(LOCK_FILE).display()
+                ));
+            }
+        }
+    };
+    let store = DirStateStore::open(state_dir).map_err(|e| e.to_string())?;
+    let records = store.load_all().map_err(|e| e.to_string())?;
+    let Some(record) = records.iter().find(|r| &r.sandbox == sandbox) else {
+        return Ok(false);
+    };
+    let remaining: Vec<_> = records
+        .iter()
+        .filter(|r| &r.sandbox != sandbox)
+        .cloned()
+        .collect();
+    firewall(read_info(state_dir))
+        .remove(record, &remaining)
+        .map_err(|e| e.to_string())?;
+    for m in record.owned().filter(|m| needs_flush(m.protocol)) {
+        // Stale UDP flows would otherwise still be translated to the pod's old IP.
+        conntrack
+            .flush(PortKey::on(m.protocol, m.host_ip), m.host_port)
+            .map_err(|e| e.to_string())?;
+    }
+    store.delete(sandbox).map_err(|e| e.to_string())?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conntrack::FakeConntrack;
+    use crate::firewall::FakeFirewall;
+    use randport_core::{Mapping, PodRef, Protocol, SandboxRecord};
+    use std::sync::Arc;
+
+    fn record(sandbox: &str, port: u16) -> SandboxRecord {
+        SandboxRecord {
+            sandbox: SandboxId(sandbox.into()),
+            pod: PodRef::new("shop", sandbox),
+            pod_ips: vec!["198.18.0.5".parse().unwrap()],
+            mappings: vec![
+                Mapping {
+                    container: "web".into(),
+                    host_ip: None,
+                    host_port: port,
+                    container_port: 8080,
+                    protocol: Protocol::Tcp,
+                    explicit: false,
+                    delegated: false,
+                },
+                Mapping {
+                    container: "web".into(),
+                    host_ip: None,
+                    host_port: port + 1,
+                    container_port: 8081,
+                    protocol: Protocol::Udp,
+                    explicit: false,
+                    delegated: false,
+                },
+            ],
+        }
+    }
+
+    fn state_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("randport-offline-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn removes_the_record_rules_and_udp_flows_of_one_sandbox() {
+        let dir = state_dir();
+        let store = DirStateStore::open(&dir).unwrap();
+        store.save(&record("sb1", 20000)).unwrap();
+        store.save(&record("sb2", 20010)).unwrap();
+        write_info(
+            &dir,
+            &AgentInfo {
+                firewall: Backend::Iptables,
+                localhost_access: false,
+            },
+        )
+        .unwrap();
+        let firewall = Arc::new(FakeFirewall::default());
+        let conntrack = FakeConntrack::default();
+        let used = std::sync::Mutex::new(None);
+        let make = |info: AgentInfo| -> Box<dyn Firewall> {
+            *used.lock().unwrap() = Some(info.firewall);
+            Box::new(Arc::clone(&firewall))
+        };
+        assert_eq!(
+            remove_sandbox(&dir, &SandboxId("sb1".into()), &make, &conntrack),
+            Ok(true)
+        );
+        assert_eq!(*used.lock().unwrap(), Some(Backend::Iptables));
+        assert_eq!(
+            *firewall.calls.lock().unwrap(),
+            vec!["remove(sb1)".to_owned()]
+        );
+        // Only the UDP port's flows; TCP flows end on their own.
+        let flushed: Vec<u16> = conntrack
+            .flushed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.1)
+            .collect();
+        assert_eq!(flushed, vec![20001]);
+        let left: Vec<_> = store
+            .load_all()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.sandbox.0)
+            .collect();
+        assert_eq!(left, vec!["sb2"]);
+        // Again: nothing recorded, nothing to do.
+        assert_eq!(
+            remove_sandbox(&dir, &SandboxId("sb1".into()), &make, &conntrack),
+            Ok(false)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn waits_for_a_starting_agent_and_then_says_so() {
+        let dir = state_dir();
+        DirStateStore::open(&dir)
+            .unwrap()
+            .save(&record("sb1", 20000))
+            .unwrap();
+        let agent = StateLock::acquire(&dir).unwrap();
+        let firewall = |_: AgentInfo| -> Box<dyn Firewall> { Box::new(FakeFirewall::default()) };
+        let started = Instant::now();
+        let e = remove_sandbox(
+            &dir,
+            &SandboxId("sb1".into()),
+            &firewall,
+            &FakeConntrack::default(),
+        )
+        .unwrap_err();
+        assert!(started.elapsed() >= LOCK_WAIT, "{:?}", started.elapsed());
+        assert!(e.contains("does not answer"), "{e}");
+        // The record is untouched: the agent owns it.
+        assert_eq!(
+            DirStateStore::open(&dir).unwrap().load_all().unwrap().len(),
+            1
+        );
+        drop(agent);
+        assert_eq!(
+            remove_sandbox(
+                &dir,
+                &SandboxId("sb1".into()),
+                &firewall,
+                &FakeConntrack::default()
+            ),
+            Ok(true)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_node_without_a_state_directory_has_nothing_to_remove() {
+        let firewall = |_: AgentInfo| -> Box<dyn Firewall> { panic!("no firewall needed") };
+        assert_eq!(
+            remove_sandbox(
+                Path::new("/nonexistent/randport-state"),
+                &SandboxId("sb1".into()),
+                &firewall,
+                &FakeConntrack::default()
+            ),
+            Ok(false)
+        );
+    }
+}
