@@ -1248,3 +1248,100 @@ async fn startup_latency_random_port_beside_portmap_explicit_host_port() {
         &report,
     );
 }
+
+#[tokio::test]
+async fn a_pod_deleted_while_the_agent_is_down_goes_away_and_leaves_nothing() {
+    let test = "a_pod_deleted_while_the_agent_is_down_goes_away_and_leaves_nothing";
+    if !cluster_or_skip(test) {
+        return;
+    }
+    let Some(dir) = local_cluster() else {
+        // A DaemonSet puts its agent back at once; the root tests cover this on kind's
+        // behalf (plugin/tests/kernel_agent.rs).
+        eprintln!("note: {test} needs an agent it can keep down (the local node)");
+        return;
+    };
+    let (client, ns, mut pods) = deploy("agent-down", 1).await;
+    let old = pods.remove(0);
+    check_answers(&old, "before the delete").await;
+
+    local_agent(&dir, "stop");
+    let started = Instant::now();
+    delete_and_wait(&Api::namespaced(client.clone(), &ns.name), &old.name).await;
+    let took = started.elapsed();
+    eprintln!("the pod was gone {took:?} after its delete, with the agent down");
+    // The kubelet's DEL succeeded at once; without it the pod would hang in Terminating.
+    assert!(took < Duration::from_secs(30), "deleting took {took:?}");
+    let (tcp, udp) = (old.addr(), old.udp_addr());
+    let after = tokio::task::spawn_blocking(move || (http_get(tcp), udp_ask(udp)))
+        .await
+        .unwrap();
+    assert!(
+        after.0.is_err() && after.1.is_err(),
+        "still answers: {after:?}"
+    );
+
+    local_agent(&dir, "start");
+    let records = agent_records(&client, &old.node).await;
+    assert!(
+        records.iter().all(|r| !old.owns(r)),
+        "the agent came back with a record of the deleted pod: {records:?}"
+    );
+    let table = randport_table(&client, &old.node).await;
+    for entry in &old.entries {
+        let needle = format!(" . {} ", entry.host_port);
+        assert!(
+            !table.contains(&needle),
+            "a rule for {} is left:\n{table}",
+            entry.host_port
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_annotated_host_network_pod_gets_a_warning_event_and_keeps_its_annotation() {
+    let test = "an_annotated_host_network_pod_gets_a_warning_event_and_keeps_its_annotation";
+    if !cluster_or_skip(test) {
+        return;
+    }
+    let client = Client::try_default().await.unwrap();
+    let ns = TestNamespace::create(&client, "hostnet").await;
+    let mut pod = pod_with("hostnet", true, &[]);
+    pod["spec"]["hostNetwork"] = json!(true);
+    // On the node's own network: a port nothing else there uses.
+    let containers = pod["spec"]["containers"].as_array_mut().unwrap();
+    containers.truncate(1);
+    containers[0]["args"] = if local_cluster().is_some() {
+        json!(["9390"])
+    } else {
+        json!(["serve-hostname", "--port", "9390"])
+    };
+    containers[0]["ports"] = json!([{"containerPort": 9390, "protocol": "TCP"}]);
+    let created = create_pod(&client, &ns.name, "hostnet-0", pod).await;
+    let uid = created.uid().unwrap();
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    let deadline = Instant::now() + TIMEOUT;
+    let event = loop {
+        let list = events
+            .list(&ListParams::default().fields(&format!("involvedObject.uid={uid}")))
+            .await
+            .unwrap();
+        if let Some(e) = list
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("PortMappingNotPossible"))
+        {
+            break e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no PortMappingNotPossible event on hostnet-0"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert!(event.message.unwrap_or_default().contains("hostNetwork"));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let running = wait_ready(&pods, "hostnet-0").await;
+    assert_eq!(running.annotations().get(KEY).map(String::as_str), Some(""));
+}

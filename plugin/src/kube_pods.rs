@@ -30,6 +30,9 @@ use crate::pods::{PodError, PodInfo, PodSource, parse_pod};
 
 /// The reason of the Events the agent records on pods.
 pub const FAILURE_REASON: &str = "PortMappingFailed";
+/// The reason of the Warning on an annotated pod that uses the node's network: such a pod
+/// gets no CNI call, so randport never sees it.
+pub const HOST_NETWORK_REASON: &str = "PortMappingNotPossible";
 
 /// How the Kubernetes pod source behaves.
 #[derive(Debug, Clone)]
@@ -199,11 +202,26 @@ impl KubePodSource {
             .default_backoff()
             .modify(|pod: &mut Pod| pod.managed_fields_mut().clear())
             .reflect(writer);
+        let warned = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let (watch_client, watch_settings) = (client.clone(), settings.clone());
         let watch = handle.spawn(async move {
             stream
-                .for_each(|event| async move {
-                    if let Err(e) = event {
-                        eprintln!("randportd: watching this node's pods: {e}; retrying");
+                .for_each(|event| {
+                    let (warned, client, settings) = (
+                        Arc::clone(&warned),
+                        watch_client.clone(),
+                        watch_settings.clone(),
+                    );
+                    async move {
+                        match event {
+                            Err(e) => {
+                                eprintln!("randportd: watching this node's pods: {e}; retrying")
+                            }
+                            Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
+                                warn_host_network(&client, &settings, &pod, &warned).await
+                            }
+                            Ok(_) => {}
+                        }
                     }
                 })
                 .await;
@@ -267,6 +285,80 @@ impl KubePodSource {
             source_name: format!("the API server ({why})"),
         }
     }
+}
+
+/// A Warning Event, once per pod, on an annotated pod that uses the node's network: the
+/// runtime makes no CNI call for it, so it gets no mapping (the annotation is left as is).
+async fn warn_host_network(
+    client: &Client,
+    settings: &KubeSettings,
+    pod: &Pod,
+    warned: &std::sync::Mutex<std::collections::HashSet<String>>,
+) {
+    let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+    if !host_network || !pod.annotations().contains_key(&settings.annotation_key) {
+        return;
+    }
+    let uid = pod.uid().unwrap_or_default();
+    if !warned
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(uid.clone())
+    {
+        return;
+    }
+    let mut pod_ref = PodRef::new(pod.namespace().unwrap_or_default(), pod.name_any());
+    pod_ref.uid = uid;
+    let message = format!(
+        "the pod uses hostNetwork: it shares node {}'s ports and gets no CNI call, so \
+         randport maps none of its ports and its {} annotation stays as it is; use its \
+         container ports on the node directly, or drop hostNetwork to get random ports",
+        settings.node_name, settings.annotation_key
+    );
+    eprintln!("randportd: pod {pod_ref}: {message}");
+    if let Err(e) = post_warning(client, settings, &pod_ref, HOST_NETWORK_REASON, &message).await {
+        eprintln!("{e}");
+    }
+}
+
+/// Records a Warning Event `reason` on the pod, retried like every call.
+async fn post_warning(
+    client: &Client,
+    settings: &KubeSettings,
+    pod: &PodRef,
+    reason: &str,
+    message: &str,
+) -> Result<(), PodError> {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let event = json!({
+        "metadata": {
+            "generateName": format!("{}.randport-", pod.name),
+            "namespace": pod.namespace,
+        },
+        "involvedObject": {
+            "apiVersion": "v1", "kind": "Pod",
+            "namespace": pod.namespace, "name": pod.name, "uid": pod.uid,
+        },
+        "reason": reason,
+        "message": message,
+        "type": "Warning",
+        "source": { "component": "randportd", "host": settings.node_name },
+        "reportingComponent": "randportd",
+        "reportingInstance": settings.node_name,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    });
+    let event: Event = serde_json::from_value(event).map_err(|e| PodError::Invalid {
+        pod: pod.clone(),
+        reason: format!("building an Event: {e}"),
+    })?;
+    let api: Api<Event> = Api::namespaced(client.clone(), &pod.namespace);
+    let params = PostParams::default();
+    retrying(settings, || api.create(&params, &event))
+        .await
+        .map(|_| ())
+        .map_err(|e| api_error(pod, "recording an Event", &e))
 }
 
 impl Drop for KubePodSource {
@@ -348,41 +440,11 @@ impl PodSource for KubePodSource {
     /// Records a Warning Event on the pod, in the background: the failed request's answer
     /// does not wait for the API server. A failure to record is logged.
     fn warn(&self, pod: &PodRef, message: &str) {
-        let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let event = json!({
-            "metadata": {
-                "generateName": format!("{}.randport-", pod.name),
-                "namespace": pod.namespace,
-            },
-            "involvedObject": {
-                "apiVersion": "v1", "kind": "Pod",
-                "namespace": pod.namespace, "name": pod.name, "uid": pod.uid,
-            },
-            "reason": FAILURE_REASON,
-            "message": message,
-            "type": "Warning",
-            "source": { "component": "randportd", "host": self.settings.node_name },
-            "reportingComponent": "randportd",
-            "reportingInstance": self.settings.node_name,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        });
-        let event: Event = match serde_json::from_value(event) {
-            Ok(event) => event,
-            Err(e) => {
-                eprintln!("randportd: pod {pod}: building an Event: {e}");
-                return;
-            }
-        };
-        let api: Api<Event> = Api::namespaced(self.client.clone(), &pod.namespace);
-        let settings = self.settings.clone();
-        let pod = pod.clone();
+        let (client, settings) = (self.client.clone(), self.settings.clone());
+        let (pod, message) = (pod.clone(), message.to_owned());
         self.handle.spawn(async move {
-            let params = PostParams::default();
-            let created = retrying(&settings, || api.create(&params, &event)).await;
-            if let Err(e) = created {
-                eprintln!("{}", api_error(&pod, "recording an Event", &e));
+            if let Err(e) = post_warning(&client, &settings, &pod, FAILURE_REASON, &message).await {
+                eprintln!("{e}");
             }
         });
     }

@@ -24,7 +24,9 @@ use randport_plugin::agent::{Agent, AgentConfig, Effects};
 use randport_plugin::conntrack::FakeConntrack;
 use randport_plugin::firewall::FakeFirewall;
 use randport_plugin::holder::FakeHolder;
-use randport_plugin::kube_pods::{FAILURE_REASON, KubePodSource, KubeSettings};
+use randport_plugin::kube_pods::{
+    FAILURE_REASON, HOST_NETWORK_REASON, KubePodSource, KubeSettings,
+};
 use randport_plugin::pods::{PodError, PodSource};
 use randport_plugin::rpc::AddRequest;
 use randport_plugin::state::{MemoryStateStore, StateStore};
@@ -716,4 +718,47 @@ fn without_the_api_at_startup_every_mapping_is_kept() {
     // A stream of requests, not one: the watcher backs off and retries.
     let lists = down.requests("GET /api/v1/pods?");
     assert!(!lists.is_empty());
+}
+
+#[test]
+fn an_annotated_host_network_pod_gets_one_warning_and_keeps_its_annotation() {
+    let host_network = |name: &str, annotations: Value| {
+        let mut p = pod(name, NODE, annotations);
+        p["spec"]["hostNetwork"] = json!(true);
+        p
+    };
+    // One in the first listing, one plain hostNetwork pod, one created later.
+    let mock = Mock::start(
+        vec![
+            host_network("ingress-0", json!({KEY: ""})),
+            host_network("plain", json!({})),
+            pod("web-0", NODE, json!({KEY: ""})),
+        ],
+        |_| {},
+    )
+    .synced();
+    mock.create(host_network("ingress-1", json!({KEY: ""})));
+    mock.wait_for("two Events", |m| m.state().events.len() >= 2);
+    // Updates of the same pod (a watch event per change) do not repeat it.
+    mock.create(host_network("ingress-1", json!({KEY: "", "other": "x"})));
+    std::thread::sleep(Duration::from_millis(300));
+    let events = mock.state().events.clone();
+    let mut warned: Vec<&str> = events
+        .iter()
+        .map(|e| e["involvedObject"]["name"].as_str().unwrap())
+        .collect();
+    warned.sort();
+    assert_eq!(warned, ["ingress-0", "ingress-1"], "{events:?}");
+    for event in &events {
+        assert_eq!(event["reason"], HOST_NETWORK_REASON);
+        assert_eq!(event["type"], "Warning");
+        let message = event["message"].as_str().unwrap();
+        assert!(
+            message.contains("hostNetwork") && message.contains(NODE),
+            "{message}"
+        );
+    }
+    // The annotation is left as it is: no PATCH at all.
+    assert!(mock.requests("PATCH").is_empty());
+    assert_eq!(mock.annotations("ingress-0")[KEY], "");
 }
