@@ -73,7 +73,100 @@ pub fn backend(kind: Backend, localhost: bool) -> Box<dyn Firewall> {
             nft::DEFAULT_TABLE,
             nft::NftOptions { localhost },
         )),
-        Backend::Iptables => Box::new(IptablesFirewall),
+        Backend::Iptables => Box::new(IptablesFirewall::default()),
+    }
+}
+
+/// Creates the backend a [`preflight`] chose.
+pub fn chosen_backend(choice: &Preflight, localhost: bool) -> Box<dyn Firewall> {
+    match choice.backend {
+        Backend::Iptables => Box::new(IptablesFirewall::new(choice.flavour)),
+        nftables => backend(nftables, localhost),
+    }
+}
+
+/// Runs a program: (program, args, stdin) to its stdout, or the error text.
+pub type Runner<'a> = &'a dyn Fn(&str, &[&str], &str) -> Result<String, String>;
+
+/// The programs of this node, run for real.
+pub fn run_tool(program: &str, args: &[&str], input: &str) -> Result<String, String> {
+    run(program, args, input)
+}
+
+/// What the agent's start-up check chose, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preflight {
+    /// The backend to use.
+    pub backend: Backend,
+    /// With iptables: whose commands.
+    pub flavour: IptablesFlavour,
+    /// Why nftables was not used although asked for (the kernel refused our ruleset).
+    pub fell_back: Option<String>,
+    /// How the flavour was chosen, for the log.
+    pub flavour_reason: String,
+}
+
+/// Checks, before anything is changed, that the kernel takes what the agent will load: for
+/// nftables, a check load (`nft -c`) of its whole, empty ruleset (not a version string);
+/// when that fails, iptables instead. For iptables, the flavour whose tables already hold
+/// the node's rules (as kube-proxy's wrapper decides: its hint chains first, then the
+/// number of rules), so that our chains sit beside kube-proxy's and the CNI plugins'.
+pub fn preflight(requested: Backend, localhost: bool, run: Runner<'_>) -> Preflight {
+    let mut fell_back = None;
+    if requested == Backend::Nftables {
+        let text = nft::ruleset_with(nft::DEFAULT_TABLE, &[], nft::NftOptions { localhost });
+        match run("nft", &["-c", "-f", "-"], &text) {
+            Ok(_) => {
+                return Preflight {
+                    backend: Backend::Nftables,
+                    flavour: IptablesFlavour::System,
+                    fell_back: None,
+                    flavour_reason: String::new(),
+                };
+            }
+            Err(e) => fell_back = Some(e),
+        }
+    }
+    let (flavour, flavour_reason) = iptables_flavour(run);
+    Preflight {
+        backend: Backend::Iptables,
+        flavour,
+        fell_back,
+        flavour_reason,
+    }
+}
+
+/// The iptables flavour the node's rules are in, and why.
+fn iptables_flavour(run: Runner<'_>) -> (IptablesFlavour, String) {
+    // (has a kube hint chain, number of rules) of one flavour, both families.
+    let look = |flavour: IptablesFlavour| -> Option<(bool, usize)> {
+        let mut hint = false;
+        let mut rules = 0;
+        for family in FAMILIES {
+            let saved = run(tools(family, flavour).1, &[], "").ok()?;
+            hint |= saved.contains("KUBE-IPTABLES-HINT") || saved.contains("KUBE-KUBELET-CANARY");
+            rules += saved.lines().filter(|l| l.starts_with("-A")).count();
+        }
+        Some((hint, rules))
+    };
+    use IptablesFlavour::*;
+    match (look(Legacy), look(Nft)) {
+        (None, None) => (
+            System,
+            "no iptables-legacy/-nft commands: the node's `iptables`".into(),
+        ),
+        (Some(_), None) => (Legacy, "only the legacy commands are installed".into()),
+        (None, Some(_)) => (Nft, "only the nf_tables commands are installed".into()),
+        (Some((true, _)), Some((false, _))) => (Legacy, "kube's hint chain is in legacy".into()),
+        (Some((false, _)), Some((true, _))) => (Nft, "kube's hint chain is in nf_tables".into()),
+        (Some((_, legacy)), Some((_, nft))) if legacy > nft => (
+            Legacy,
+            format!("{legacy} rules in legacy, {nft} in nf_tables"),
+        ),
+        (Some((_, legacy)), Some((_, nft))) if nft > legacy => {
+            (Nft, format!("{nft} rules in nf_tables, {legacy} in legacy"))
+        }
+        (Some((_, n)), Some(_)) => (System, format!("{n} rules in each: the node's `iptables`")),
     }
 }
 
@@ -318,20 +411,48 @@ impl Firewall for NftFirewall {
     }
 }
 
+/// Which `iptables` commands: the node's default (`iptables`, as its alternatives pick),
+/// or one flavour's own (`iptables-legacy`, `iptables-nft`). Rules must go where the
+/// node's other rules are: the two flavours do not see each other's rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IptablesFlavour {
+    /// `iptables-restore`, `iptables-save`, ...
+    #[default]
+    System,
+    /// `iptables-legacy-restore`, ...
+    Legacy,
+    /// `iptables-nft-restore`, ...
+    Nft,
+}
+
 /// iptables: chains `RANDPORT-*` in the nat table, IPv4 and IPv6.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct IptablesFirewall;
+pub struct IptablesFirewall {
+    flavour: IptablesFlavour,
+}
 
 const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
 
-fn tools(family: IpFamily) -> (&'static str, &'static str) {
-    match family {
-        IpFamily::V4 => ("iptables-restore", "iptables-save"),
-        IpFamily::V6 => ("ip6tables-restore", "ip6tables-save"),
+/// The (restore, save) programs of `family` in `flavour`.
+fn tools(family: IpFamily, flavour: IptablesFlavour) -> (&'static str, &'static str) {
+    use IptablesFlavour::*;
+    match (family, flavour) {
+        (IpFamily::V4, System) => ("iptables-restore", "iptables-save"),
+        (IpFamily::V6, System) => ("ip6tables-restore", "ip6tables-save"),
+        (IpFamily::V4, Legacy) => ("iptables-legacy-restore", "iptables-legacy-save"),
+        (IpFamily::V6, Legacy) => ("ip6tables-legacy-restore", "ip6tables-legacy-save"),
+        (IpFamily::V4, Nft) => ("iptables-nft-restore", "iptables-nft-save"),
+        (IpFamily::V6, Nft) => ("ip6tables-nft-restore", "ip6tables-nft-save"),
     }
 }
 
 impl IptablesFirewall {
+    /// The backend with `flavour`'s commands.
+    pub const fn new(flavour: IptablesFlavour) -> Self {
+        IptablesFirewall { flavour }
+    }
+
     fn err(what: impl Into<String>, reason: String) -> FirewallError {
         FirewallError {
             backend: "iptables",
@@ -340,14 +461,14 @@ impl IptablesFirewall {
         }
     }
 
-    fn restore(family: IpFamily, what: &str, payload: &str) -> Result<(), FirewallError> {
-        run(tools(family).0, &["--noflush"], payload)
+    fn restore(&self, family: IpFamily, what: &str, payload: &str) -> Result<(), FirewallError> {
+        run(tools(family, self.flavour).0, &["--noflush"], payload)
             .map(drop)
             .map_err(|reason| Self::err(what, reason))
     }
 
-    fn save(family: IpFamily) -> Result<String, FirewallError> {
-        run(tools(family).1, &["-t", "nat"], "")
+    fn save(&self, family: IpFamily) -> Result<String, FirewallError> {
+        run(tools(family, self.flavour).1, &["-t", "nat"], "")
             .map_err(|reason| Self::err("listing the nat table", reason))
     }
 
@@ -373,9 +494,9 @@ impl Firewall for IptablesFirewall {
 
     fn replace_all(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
         for family in FAMILIES {
-            let missing = Self::missing_jumps(&Self::save(family)?, family);
+            let missing = Self::missing_jumps(&self.save(family)?, family);
             let payload = iptables::full_payload(family, records, &missing);
-            Self::restore(
+            self.restore(
                 family,
                 &format!("rebuilding our chains ({} sandboxes)", records.len()),
                 &payload,
@@ -387,7 +508,7 @@ impl Firewall for IptablesFirewall {
     fn add(&self, record: &SandboxRecord) -> Result<(), FirewallError> {
         for family in FAMILIES {
             if let Some(payload) = iptables::add_sandbox(family, record) {
-                Self::restore(
+                self.restore(
                     family,
                     &format!("adding mappings of pod {}", record.pod),
                     &payload,
@@ -413,7 +534,7 @@ impl Firewall for IptablesFirewall {
                 continue;
             }
             let payload = format!("*nat\n{}\nCOMMIT\n", rules.join("\n"));
-            Self::restore(
+            self.restore(
                 family,
                 &format!("adding the mappings of {} pods", records.len()),
                 &payload,
@@ -429,7 +550,7 @@ impl Firewall for IptablesFirewall {
     ) -> Result<(), FirewallError> {
         for family in FAMILIES {
             if let Some(payload) = iptables::remove_sandbox(family, record) {
-                if Self::restore(family, "removing mappings", &payload).is_err() {
+                if self.restore(family, "removing mappings", &payload).is_err() {
                     // A rule was already gone: rebuild our chains without this sandbox.
                     return self.replace_all(remaining);
                 }
@@ -441,7 +562,8 @@ impl Firewall for IptablesFirewall {
     fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError> {
         let needle = format!("--comment \"{}\"", record.sandbox.tag());
         for family in FAMILIES {
-            let found = Self::save(family)?
+            let found = self
+                .save(family)?
                 .lines()
                 .filter(|l| l.contains(&needle))
                 .count();
@@ -454,7 +576,7 @@ impl Firewall for IptablesFirewall {
 
     fn intact(&self, records: &[SandboxRecord]) -> Result<bool, FirewallError> {
         for family in FAMILIES {
-            let saved = Self::save(family)?;
+            let saved = self.save(family)?;
             let expected: usize = records
                 .iter()
                 .map(|r| iptables::rule_count(family, r))
@@ -472,7 +594,7 @@ impl Firewall for IptablesFirewall {
 
     fn teardown(&self) -> Result<(), FirewallError> {
         for family in FAMILIES {
-            let saved = match Self::save(family) {
+            let saved = match self.save(family) {
                 Ok(saved) => saved,
                 // No iptables on this node: nothing of ours can be there.
                 Err(e) if e.reason.starts_with("cannot run") => continue,
@@ -482,7 +604,7 @@ impl Firewall for IptablesFirewall {
                 continue;
             }
             let payload = iptables::teardown_payload(&Self::present_jumps(&saved, family));
-            Self::restore(family, "removing our chains", &payload)?;
+            self.restore(family, "removing our chains", &payload)?;
         }
         Ok(())
     }
@@ -491,9 +613,11 @@ impl Firewall for IptablesFirewall {
     /// touching the nftables generation.
     fn generation(&self) -> Option<u32> {
         static NF_TABLES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let flavour = self.flavour;
         let nf_tables = NF_TABLES.get_or_init(|| {
             FAMILIES.iter().all(|family| {
-                run(tools(*family).1, &["--version"], "").is_ok_and(|v| v.contains("nf_tables"))
+                run(tools(*family, flavour).1, &["--version"], "")
+                    .is_ok_and(|v| v.contains("nf_tables"))
             })
         });
         if *nf_tables {
@@ -732,5 +856,144 @@ mod tests {
         assert!(said.contains("kube-proxy"), "{said}");
         assert!(!state.join(ROUTE_LOCALNET_MARKER).exists());
         cleanup(&sysctl);
+    }
+}
+
+#[cfg(test)]
+mod preflight_tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    /// A node's programs: what each (program and first arg) prints, or its error.
+    struct FakeTools {
+        answers: HashMap<&'static str, Result<String, String>>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl FakeTools {
+        fn new(answers: &[(&'static str, Result<&str, &str>)]) -> Self {
+            FakeTools {
+                answers: answers
+                    .iter()
+                    .map(|(k, v)| (*k, v.map(str::to_owned).map_err(str::to_owned)))
+                    .collect(),
+                calls: Mutex::new(Vec::new()),
+            }
+        }
+
+        fn run(&self, program: &str, args: &[&str], input: &str) -> Result<String, String> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("{program} {}", args.join(" ")));
+            if program == "nft" {
+                assert!(input.contains("table inet randport"), "{input}");
+            }
+            self.answers
+                .get(program)
+                .cloned()
+                .unwrap_or_else(|| Err(format!("cannot run {program}: not installed")))
+        }
+    }
+
+    fn choose(tools: &FakeTools, requested: Backend) -> Preflight {
+        preflight(requested, false, &|p, a, i| tools.run(p, a, i))
+    }
+
+    const KUBE_NFT: &str = "*mangle\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n";
+
+    #[test]
+    fn nftables_is_used_when_the_kernel_takes_a_check_load_of_the_ruleset() {
+        let tools = FakeTools::new(&[("nft", Ok(""))]);
+        let choice = choose(&tools, Backend::Nftables);
+        assert_eq!(choice.backend, Backend::Nftables);
+        assert_eq!(choice.fell_back, None);
+        assert_eq!(*tools.calls.lock().unwrap(), vec!["nft -c -f -".to_owned()]);
+    }
+
+    #[test]
+    fn a_refused_ruleset_falls_back_to_iptables_and_says_why() {
+        let tools = FakeTools::new(&[
+            (
+                "nft",
+                Err("Error: Could not process rule: No such file or directory"),
+            ),
+            ("iptables-nft-save", Ok(KUBE_NFT)),
+            ("ip6tables-nft-save", Ok("")),
+            ("iptables-legacy-save", Ok("")),
+            ("ip6tables-legacy-save", Ok("")),
+        ]);
+        let choice = choose(&tools, Backend::Nftables);
+        assert_eq!(choice.backend, Backend::Iptables);
+        assert_eq!(choice.flavour, IptablesFlavour::Nft);
+        assert!(choice.fell_back.unwrap().contains("Could not process rule"));
+        // nft missing altogether is a refusal too.
+        let tools = FakeTools::new(&[]);
+        let choice = choose(&tools, Backend::Nftables);
+        assert_eq!(choice.backend, Backend::Iptables);
+        assert!(choice.fell_back.unwrap().contains("cannot run nft"));
+        assert_eq!(choice.flavour, IptablesFlavour::System);
+    }
+
+    #[test]
+    fn iptables_goes_where_the_nodes_rules_are() {
+        let rules = |n: usize| "-A KUBE-SERVICES -j ACCEPT\n".repeat(n);
+        let (many, few) = (rules(5), rules(1));
+        // Asked for iptables: no nft check at all.
+        let case = |legacy: &str, nft: &str| {
+            let tools = FakeTools::new(&[
+                ("iptables-legacy-save", Ok(legacy)),
+                ("ip6tables-legacy-save", Ok("")),
+                ("iptables-nft-save", Ok(nft)),
+                ("ip6tables-nft-save", Ok("")),
+            ]);
+            let choice = choose(&tools, Backend::Iptables);
+            assert!(
+                !tools
+                    .calls
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|c| c.starts_with("nft"))
+            );
+            assert_eq!(choice.fell_back, None);
+            (choice.backend, choice.flavour)
+        };
+        use IptablesFlavour::*;
+        assert_eq!(case(&many, &few), (Backend::Iptables, Legacy));
+        assert_eq!(case(&few, &many), (Backend::Iptables, Nft));
+        // kube's hint chain wins over counts.
+        assert_eq!(case(&many, KUBE_NFT), (Backend::Iptables, Nft));
+        let legacy_hint = format!("{KUBE_NFT}{few}");
+        assert_eq!(case(&legacy_hint, &many), (Backend::Iptables, Legacy));
+        // A tie: the node's own `iptables`.
+        assert_eq!(case(&few, &few), (Backend::Iptables, System));
+        // One flavour installed: that one; none: the node's `iptables`.
+        let only_legacy = FakeTools::new(&[
+            ("iptables-legacy-save", Ok("")),
+            ("ip6tables-legacy-save", Ok("")),
+        ]);
+        assert_eq!(choose(&only_legacy, Backend::Iptables).flavour, Legacy);
+        assert_eq!(
+            choose(&FakeTools::new(&[]), Backend::Iptables).flavour,
+            System
+        );
+    }
+
+    #[test]
+    fn each_flavour_runs_its_own_commands() {
+        assert_eq!(
+            tools(IpFamily::V4, IptablesFlavour::System).0,
+            "iptables-restore"
+        );
+        assert_eq!(
+            tools(IpFamily::V6, IptablesFlavour::Legacy).1,
+            "ip6tables-legacy-save"
+        );
+        assert_eq!(
+            tools(IpFamily::V4, IptablesFlavour::Nft).0,
+            "iptables-nft-restore"
+        );
     }
 }

@@ -74,6 +74,8 @@ pub struct Metrics {
     /// Watchdog checks skipped because no rule of the node had changed since the last
     /// check that found ours in place.
     pub checks_skipped: AtomicU64,
+    /// The firewall backend in use, and whether it is a fallback from nftables.
+    pub backend: Mutex<Option<(&'static str, bool)>>,
 }
 
 /// Point-in-time values the agent supplies when rendering.
@@ -92,6 +94,11 @@ pub struct Gauges {
 }
 
 impl Metrics {
+    /// Records the backend in use (`fallback`: nftables was asked for, the kernel refused).
+    pub fn set_backend(&self, backend: &'static str, fallback: bool) {
+        *self.backend.lock().unwrap_or_else(|e| e.into_inner()) = Some((backend, fallback));
+    }
+
     /// Counts a failure.
     pub fn fail(&self, reason: &'static str) {
         *self
@@ -183,6 +190,12 @@ impl Metrics {
             self.checks.load(Ordering::Relaxed),
             self.checks_skipped.load(Ordering::Relaxed)
         );
+        if let Some((backend, fallback)) = *self.backend.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = writeln!(
+                out,
+                "# HELP randport_firewall_backend The firewall backend in use; fallback=\"true\" when nftables was asked for and the kernel refused its ruleset.\n# TYPE randport_firewall_backend gauge\nrandport_firewall_backend{{backend=\"{backend}\",fallback=\"{fallback}\"}} 1"
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP randport_cni_duration_seconds CNI request latency in the agent.\n# TYPE randport_cni_duration_seconds histogram"
@@ -206,6 +219,7 @@ mod tests {
         m.add_seconds.observe(Duration::from_millis(30));
         m.adds.fetch_add(2, Ordering::Relaxed);
         m.fail("ports_exhausted");
+        m.set_backend("iptables-nft", true);
         let text = m.render(Gauges {
             mappings: 4,
             sandboxes: 2,
@@ -219,6 +233,7 @@ mod tests {
             "randport_ready 1",
             "randport_cni_requests_total{verb=\"ADD\"} 2",
             "randport_failures_total{reason=\"ports_exhausted\"} 1",
+            "randport_firewall_backend{backend=\"iptables-nft\",fallback=\"true\"} 1",
             "randport_cni_duration_seconds_bucket{verb=\"ADD\",le=\"0.001\"} 0",
             "randport_cni_duration_seconds_bucket{verb=\"ADD\",le=\"0.005\"} 1",
             "randport_cni_duration_seconds_bucket{verb=\"ADD\",le=\"+Inf\"} 2",

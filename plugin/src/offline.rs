@@ -20,7 +20,7 @@ use randport_core::{PortKey, SandboxId};
 use serde::{Deserialize, Serialize};
 
 use crate::conntrack::{Conntrack, needs_flush};
-use crate::firewall::{Backend, Firewall};
+use crate::firewall::{Backend, Firewall, IptablesFlavour};
 use crate::state::{DirStateStore, StateStore, write_atomic};
 
 /// The lock file in the state directory.
@@ -70,6 +70,9 @@ pub struct AgentInfo {
     pub firewall: Backend,
     /// Whether `--localhost-access` is on (its nft table has a guard chain).
     pub localhost_access: bool,
+    /// With iptables: whose commands.
+    #[serde(default)]
+    pub iptables_flavour: IptablesFlavour,
 }
 
 impl Default for AgentInfo {
@@ -77,6 +80,7 @@ impl Default for AgentInfo {
         AgentInfo {
             firewall: Backend::Nftables,
             localhost_access: false,
+            iptables_flavour: IptablesFlavour::System,
         }
     }
 }
@@ -205,6 +209,7 @@ mod tests {
             &AgentInfo {
                 firewall: Backend::Iptables,
                 localhost_access: false,
+                iptables_flavour: IptablesFlavour::Legacy,
             },
         )
         .unwrap();

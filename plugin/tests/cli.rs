@@ -125,21 +125,28 @@ fn plugin_answers_version_and_reports_a_missing_agent() {
         String::from_utf8_lossy(&out.stdout),
         r#"{"cniVersion":"1.1.0","supportedVersions":["0.3.1","0.4.0","1.0.0","1.1.0"]}"#
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_randport"))
-        .env("CNI_COMMAND", "DEL")
-        .env("CNI_CONTAINERID", "abc")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(br#"{"cniVersion":"1.0.0","name":"n","type":"randport","socket":"/nonexistent/x.sock"}"#)
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let run = |command: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_randport"))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", "abc")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(
+                br#"{"cniVersion":"1.0.0","name":"n","type":"randport","socket":"/nonexistent/x.sock","stateDir":"/nonexistent/randport-state"}"#,
+            )
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    // CHECK needs the agent: code 11, saying where it looked.
+    let out = run("CHECK");
     assert!(!out.status.success());
     let error: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(error["code"], 11);
@@ -148,5 +155,18 @@ fn plugin_answers_version_and_reports_a_missing_agent() {
             .as_str()
             .unwrap()
             .contains("is the randport agent running")
+    );
+    // DEL does not: with nothing recorded on the node it succeeds, and says why on stderr.
+    let out = run("DEL");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(out.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("randportd is not reachable"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

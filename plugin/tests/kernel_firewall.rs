@@ -3,7 +3,10 @@
 
 use randport_core::examples;
 use randport_itests::{TestNetns, root_and_tools_or_skip, test_netns};
-use randport_plugin::firewall::{Firewall, IptablesFirewall, NftFirewall};
+use randport_plugin::firewall::{Firewall, IptablesFirewall, IptablesFlavour, NftFirewall};
+
+/// The backend with the node's own `iptables` commands.
+const SYSTEM_IPTABLES: IptablesFirewall = IptablesFirewall::new(IptablesFlavour::System);
 
 fn check_backend(
     firewall: &'static (dyn Firewall + Sync),
@@ -111,7 +114,7 @@ fn nftables_backend_on_the_kernel() {
 fn iptables_backend_on_the_kernel() {
     if root_and_tools_or_skip("iptables_backend_on_the_kernel", &["iptables-restore"]) {
         check_backend(
-            &IptablesFirewall,
+            &SYSTEM_IPTABLES,
             &["iptables", "-t", "nat", "-F", "RANDPORT-HOSTPORTS"],
             &["iptables", "-t", "nat", "-D", "RANDPORT-HOSTPORTS", "1"],
         );

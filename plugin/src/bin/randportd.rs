@@ -220,7 +220,7 @@ fn uninstall_from_node(
     }
     let backends: [Box<dyn firewall::Firewall>; 2] = [
         Box::new(NftFirewall::new(randport_core::render::nft::DEFAULT_TABLE)),
-        Box::new(IptablesFirewall),
+        Box::new(IptablesFirewall::default()),
     ];
     for backend in backends {
         match backend.teardown() {
@@ -362,19 +362,6 @@ fn run_agent(cli: Cli) -> Result<()> {
             cli.state_dir.join(offline::LOCK_FILE).display()
         )
     })?;
-    offline::write_info(
-        &cli.state_dir,
-        &offline::AgentInfo {
-            firewall: cli.firewall,
-            localhost_access: cli.localhost_access,
-        },
-    )
-    .with_context(|| {
-        format!(
-            "writing {}",
-            cli.state_dir.join(offline::INFO_FILE).display()
-        )
-    })?;
     let sysctl_dir = std::path::Path::new(randport_plugin::node_ports::DEFAULT_SYSCTL_DIR);
     if cli.localhost_access {
         if cli.firewall != Backend::Nftables {
@@ -412,9 +399,43 @@ fn run_agent(cli: Cli) -> Result<()> {
     {
         eprintln!("randportd: warning: {warning}");
     }
+    // Does the kernel take our ruleset? Which iptables do the node's rules use?
+    let choice = firewall::preflight(cli.firewall, cli.localhost_access, &firewall::run_tool);
+    if let Some(why) = &choice.fell_back {
+        eprintln!(
+            "randportd: warning: the kernel refused randport's nftables ruleset (a check load \
+             with nft -c: {why}); using iptables instead (randport_firewall_backend says so)"
+        );
+        if cli.localhost_access {
+            bail!(
+                "--localhost-access needs nftables (its guard against CVE-2020-8558 is an nft \
+                 chain), and this node's kernel refused randport's nftables ruleset: {why}"
+            );
+        }
+    }
+    if choice.backend == Backend::Iptables {
+        eprintln!(
+            "randportd: iptables commands: {:?} ({})",
+            choice.flavour, choice.flavour_reason
+        );
+    }
+    offline::write_info(
+        &cli.state_dir,
+        &offline::AgentInfo {
+            firewall: choice.backend,
+            localhost_access: cli.localhost_access,
+            iptables_flavour: choice.flavour,
+        },
+    )
+    .with_context(|| {
+        format!(
+            "writing {}",
+            cli.state_dir.join(offline::INFO_FILE).display()
+        )
+    })?;
     // Leftovers of the other backend go: a node runs one of them.
-    let other: Box<dyn firewall::Firewall> = match cli.firewall {
-        Backend::Nftables => Box::new(IptablesFirewall),
+    let other: Box<dyn firewall::Firewall> = match choice.backend {
+        Backend::Nftables => Box::new(IptablesFirewall::default()),
         Backend::Iptables => Box::new(NftFirewall::new(randport_core::render::nft::DEFAULT_TABLE)),
     };
     if let Err(e) = other.teardown() {
@@ -434,13 +455,22 @@ fn run_agent(cli: Cli) -> Result<()> {
         cni_conf_dir: cli.cni_conf_dir.clone(),
     };
     let fx = Effects {
-        firewall: firewall::backend(cli.firewall, cli.localhost_access),
+        firewall: firewall::chosen_backend(&choice, cli.localhost_access),
         holder: Box::new(SocketHolder),
         conntrack: Box::new(NetlinkConntrack),
         state: Box::new(state),
         pods,
     };
     let agent = Arc::new(Agent::new(config, fx));
+    agent.metrics.set_backend(
+        match (choice.backend, choice.flavour) {
+            (Backend::Nftables, _) => "nftables",
+            (Backend::Iptables, firewall::IptablesFlavour::System) => "iptables",
+            (Backend::Iptables, firewall::IptablesFlavour::Legacy) => "iptables-legacy",
+            (Backend::Iptables, firewall::IptablesFlavour::Nft) => "iptables-nft",
+        },
+        choice.fell_back.is_some(),
+    );
 
     let listener = server::bind_socket(&cli.socket)
         .with_context(|| format!("binding the agent socket {}", cli.socket.display()))?;
@@ -468,7 +498,7 @@ fn run_agent(cli: Cli) -> Result<()> {
         report.restored,
         report.released.len(),
         report.rewritten.len(),
-        cli.firewall,
+        choice.backend,
         cli.port_range,
         cli.socket.display()
     );
