@@ -32,6 +32,19 @@ pub enum InstallError {
          turn it into a .conflist ({{\"name\", \"cniVersion\", \"plugins\": [it]}})"
     )]
     NotAList(PathBuf),
+    /// Multus delegates to a network whose conflist is not in this directory.
+    #[error(
+        "{path}: Multus delegates the cluster network to {delegate}, which is not a conflist \
+         in this directory; randport goes into the cluster network's conflist: point Multus' \
+         clusterNetwork at a .conflist here (or install randport into that network's conflist \
+         where it lives)"
+    )]
+    MultusDelegate {
+        /// Multus' config.
+        path: PathBuf,
+        /// What it delegates to.
+        delegate: String,
+    },
     /// The file is not a conflist.
     #[error("{path}: {reason}")]
     Invalid {
@@ -138,8 +151,11 @@ pub fn earlier_port_mapper_in(dir: &Path) -> Option<String> {
     earlier_port_mapper(&read_json(&path).ok()?)
 }
 
-/// The file the runtime uses: the first `.conf`, `.conflist` or `.json` in name order (as
-/// containerd and CRI-O choose).
+/// The conflist our entry goes into: the file the runtime uses (the first `.conf`,
+/// `.conflist` or `.json` in name order, as containerd and CRI-O choose) when it is a
+/// conflist; when it is Multus' config, the conflist of the cluster network Multus
+/// delegates to (its `clusterNetwork`, a file or a network name, or else the first other
+/// conflist here, which Multus' automatic configuration copies).
 pub fn active_config(dir: &Path) -> Result<PathBuf, InstallError> {
     let mut names: Vec<PathBuf> = fs::read_dir(dir)
         .map_err(io_error(dir))?
@@ -156,11 +172,98 @@ pub fn active_config(dir: &Path) -> Result<PathBuf, InstallError> {
         .next()
         .ok_or_else(|| InstallError::NoConflist(dir.to_owned()))?;
     let value = read_json(&first)?;
-    if value.get("plugins").is_some_and(Value::is_array) {
+    if is_conflist(&value) {
         Ok(first)
+    } else if is_multus(&value) {
+        multus_delegate(dir, &first, &value)
     } else {
         Err(InstallError::NotAList(first))
     }
+}
+
+fn is_conflist(value: &Value) -> bool {
+    value.get("plugins").is_some_and(Value::is_array)
+}
+
+fn is_multus(value: &Value) -> bool {
+    matches!(
+        value.get("type").and_then(Value::as_str),
+        Some("multus" | "multus-shim")
+    )
+}
+
+/// The conflist in `dir` of the network Multus (`multus`, at `path`) delegates to.
+fn multus_delegate(dir: &Path, path: &Path, multus: &Value) -> Result<PathBuf, InstallError> {
+    let mut others: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io_error(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p != path
+                && p.extension()
+                    .is_some_and(|e| e == "conflist" || e == "json")
+        })
+        .collect();
+    others.sort();
+    let conflists: Vec<(PathBuf, Value)> = others
+        .into_iter()
+        .filter_map(|p| read_json(&p).ok().filter(is_conflist).map(|v| (p, v)))
+        .collect();
+    let cluster = multus.get("clusterNetwork").and_then(Value::as_str);
+    let found = match cluster {
+        // A file: Multus names it as its container sees it; the same file is here.
+        Some(file)
+            if file.contains('/') || file.ends_with(".conflist") || file.ends_with(".conf") =>
+        {
+            let name = Path::new(file).file_name().unwrap_or_default();
+            conflists.iter().find(|(p, _)| p.file_name() == Some(name))
+        }
+        Some(network) => conflists
+            .iter()
+            .find(|(_, v)| v.get("name").and_then(Value::as_str) == Some(network)),
+        None => conflists.first(),
+    };
+    found
+        .map(|(p, _)| p.clone())
+        .ok_or_else(|| InstallError::MultusDelegate {
+            path: path.to_owned(),
+            delegate: cluster.unwrap_or("the first conflist").to_owned(),
+        })
+}
+
+/// The suffix a single-plugin `.conf` is kept under while randport runs from the
+/// `.conflist` made of it.
+pub const ORIGINAL_SUFFIX: &str = "randport-orig";
+
+/// Turns the single-plugin config at `path` (`NAME.conf`) into `NAME.conflist` holding it
+/// and nothing else, keeping the original as `NAME.conf.randport-orig` (which no runtime
+/// reads) for the uninstall to put back; returns the new file.
+fn convert_single(path: &Path) -> Result<PathBuf, InstallError> {
+    let mut plugin = read_json(path)?;
+    let Some(object) = plugin.as_object_mut() else {
+        return Err(InstallError::Invalid {
+            path: path.to_owned(),
+            reason: "is not a JSON object".into(),
+        });
+    };
+    let version = object.remove("cniVersion").unwrap_or(json!("0.4.0"));
+    let name = object.remove("name").unwrap_or(json!("randport-chain"));
+    let list = path.with_extension("conflist");
+    if list.exists() {
+        return Err(InstallError::Invalid {
+            path: list,
+            reason: format!(
+                "exists already beside {}; remove one of them",
+                path.display()
+            ),
+        });
+    }
+    write_json(
+        &list,
+        &json!({"cniVersion": version, "name": name, "plugins": [plugin]}),
+    )?;
+    let kept = path.with_extension(format!("conf.{ORIGINAL_SUFFIX}"));
+    fs::rename(path, &kept).map_err(io_error(path))?;
+    Ok(list)
 }
 
 fn read_json(path: &Path) -> Result<Value, InstallError> {
@@ -183,7 +286,12 @@ fn write_json(path: &Path, value: &Value) -> Result<(), InstallError> {
 /// Puts our entry ([`entry`]) into the runtime's conflist in `dir`; returns the file when
 /// it changed it.
 pub fn ensure_entry(dir: &Path, ours: &Value) -> Result<Option<PathBuf>, InstallError> {
-    let path = active_config(dir)?;
+    let path = match active_config(dir) {
+        Ok(path) => path,
+        // A single plugin cannot chain: it becomes a conflist of one, then gets our entry.
+        Err(InstallError::NotAList(single)) => convert_single(&single)?,
+        Err(e) => return Err(e),
+    };
     let conflist = read_json(&path)?;
     match with_entry(&path, &conflist, ours)? {
         Some(changed) => {
@@ -221,6 +329,26 @@ pub fn remove_entries(dir: &Path) -> Result<Vec<PathBuf>, InstallError> {
             write_json(&path, &cleaned)?;
             changed.push(path);
         }
+    }
+    // Single-plugin configs we turned into conflists go back as they were.
+    let kept: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io_error(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.to_string_lossy()
+                .ends_with(&format!(".conf.{ORIGINAL_SUFFIX}"))
+        })
+        .collect();
+    for original in kept {
+        let conf = original.with_extension("");
+        let list = conf.with_extension("conflist");
+        match fs::remove_file(&list) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(&list)(e)),
+        }
+        fs::rename(&original, &conf).map_err(io_error(&original))?;
+        changed.push(conf);
     }
     Ok(changed)
 }
@@ -419,17 +547,18 @@ mod tests {
             "{e}"
         );
 
-        let single = dir_with(&[("10-bridge.conf", r#"{"type": "bridge"}"#)]);
+        // Multus delegating to a network that has no conflist here.
+        let single = dir_with(&[(
+            "00-multus.conf",
+            r#"{"type": "multus", "clusterNetwork": "/host/etc/cni/net.d/10-calico.conflist"}"#,
+        )]);
         let e = ensure_entry(
             &single,
             &entry(Path::new(DEFAULT_SOCKET), Path::new(DEFAULT_STATE_DIR)),
         )
         .unwrap_err();
-        assert!(e.to_string().contains("turn it into a .conflist"), "{e}");
-        assert_eq!(
-            fs::read_to_string(single.join("10-bridge.conf")).unwrap(),
-            r#"{"type": "bridge"}"#
-        );
+        assert!(e.to_string().contains("10-calico.conflist"), "{e}");
+        assert!(e.to_string().contains("clusterNetwork"), "{e}");
 
         let broken = dir_with(&[("10-x.conflist", "{not json")]);
         let e = ensure_entry(
