@@ -100,46 +100,25 @@ fn local_agent(dir: &std::path::Path, verb: &str) -> String {
 async fn agent_records(client: &Client, node: &str) -> Vec<SandboxRecord> {
     let json = match local_cluster() {
         Some(dir) => local_agent(&dir, "list"),
-        None => {
-            let agent = agent_pod_on(client, node).await;
-            kubectl_ok(&[
-                "-n",
-                AGENT_NS,
-                "exec",
-                &agent.name_any(),
-                "-c",
-                "agent",
-                "--",
-                "randportd",
-                "list",
-                "--json",
-            ])
-        }
+        None => in_agent_pod(client, node, &["randportd", "list", "--json"]).await,
     };
     serde_json::from_str(&json).unwrap_or_else(|e| panic!("randportd list --json: {e}: {json}"))
+}
+
+/// What `command` prints in the agent container of the DaemonSet's pod on `node`.
+async fn in_agent_pod(client: &Client, node: &str, command: &[&str]) -> String {
+    let agent = agent_pod_on(client, node).await;
+    let name = agent.name_any();
+    let mut args = vec!["-n", AGENT_NS, "exec", &name, "-c", "agent", "--"];
+    args.extend_from_slice(command);
+    kubectl_ok(&args)
 }
 
 /// randport's nft table on `node`, as `nft list table inet randport` prints it.
 async fn randport_table(client: &Client, node: &str) -> String {
     match local_cluster() {
         Some(dir) => local_agent(&dir, "table"),
-        None => {
-            let agent = agent_pod_on(client, node).await;
-            kubectl_ok(&[
-                "-n",
-                AGENT_NS,
-                "exec",
-                &agent.name_any(),
-                "-c",
-                "agent",
-                "--",
-                "nft",
-                "list",
-                "table",
-                "inet",
-                "randport",
-            ])
-        }
+        None => in_agent_pod(client, node, &["nft", "list", "table", "inet", "randport"]).await,
     }
 }
 
@@ -402,6 +381,11 @@ async fn deploy(purpose: &str, replicas: usize) -> (Client, TestNamespace, Vec<M
 /// Deletes pod `name` and waits until it is gone (the kubelet has torn its sandbox down).
 async fn delete_and_wait(pods: &Api<Pod>, name: &str) {
     pods.delete(name, &DeleteParams::default()).await.unwrap();
+    wait_gone(pods, name).await;
+}
+
+/// Waits until pod `name` is gone.
+async fn wait_gone(pods: &Api<Pod>, name: &str) {
     let deadline = Instant::now() + TIMEOUT;
     while pods.get_opt(name).await.unwrap().is_some() {
         assert!(Instant::now() < deadline, "pod {name} was not deleted");
@@ -546,16 +530,7 @@ async fn a_deleted_pod_stops_answering_and_its_ports_are_released() {
             .delete("web", &DeleteParams::foreground())
             .await
             .unwrap();
-        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-        let deadline = Instant::now() + TIMEOUT;
-        while pods.get_opt(&old.name).await.unwrap().is_some() {
-            assert!(
-                Instant::now() < deadline,
-                "pod {} was not deleted",
-                old.name
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_gone(&Api::namespaced(client.clone(), &ns.name), &old.name).await;
     }
     let (tcp, udp) = (old.addr(), old.udp_addr());
     let after = tokio::task::spawn_blocking(move || (http_get(tcp), udp_ask(udp)))
@@ -873,26 +848,7 @@ async fn a_pod_whose_writeback_is_forbidden_gets_an_event_and_its_add_fails_clea
     let uid = pod.uid().unwrap();
 
     // The agent says why on the pod, and the pod does not start.
-    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
-    let deadline = Instant::now() + TIMEOUT;
-    let event = loop {
-        let list = events
-            .list(&ListParams::default().fields(&format!("involvedObject.uid={uid}")))
-            .await
-            .unwrap();
-        if let Some(e) = list
-            .items
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("PortMappingFailed"))
-        {
-            break e;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no PortMappingFailed event on web-0"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let event = wait_event(&client, &ns.name, &uid, "PortMappingFailed").await;
     let message = event.message.unwrap_or_default();
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     assert!(
@@ -1023,6 +979,27 @@ async fn the_downward_api_example_shows_a_container_its_own_ports_within_5_s() {
         waited <= 5000,
         "the container waited {waited} ms for its ports"
     );
+}
+
+/// The first Event `reason` on the object with `uid` in namespace `ns`, waited for.
+async fn wait_event(client: &Client, ns: &str, uid: &str, reason: &str) -> Event {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let list = events
+            .list(&ListParams::default().fields(&format!("involvedObject.uid={uid}")))
+            .await
+            .unwrap();
+        if let Some(e) = list
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some(reason))
+        {
+            return e;
+        }
+        assert!(Instant::now() < deadline, "no {reason} event on {ns}/{uid}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Waits until pod `name` runs and is ready; the pod.
@@ -1319,26 +1296,7 @@ async fn an_annotated_host_network_pod_gets_a_warning_event_and_keeps_its_annota
     containers[0]["ports"] = json!([{"containerPort": 9390, "protocol": "TCP"}]);
     let created = create_pod(&client, &ns.name, "hostnet-0", pod).await;
     let uid = created.uid().unwrap();
-    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
-    let deadline = Instant::now() + TIMEOUT;
-    let event = loop {
-        let list = events
-            .list(&ListParams::default().fields(&format!("involvedObject.uid={uid}")))
-            .await
-            .unwrap();
-        if let Some(e) = list
-            .items
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("PortMappingNotPossible"))
-        {
-            break e;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no PortMappingNotPossible event on hostnet-0"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let event = wait_event(&client, &ns.name, &uid, "PortMappingNotPossible").await;
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     assert!(event.message.unwrap_or_default().contains("hostNetwork"));
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);

@@ -142,29 +142,11 @@ pub fn run_with(
         Ok(v) => v,
         Err(e) => return failure(conf.version().unwrap_or(SpecVersion::CURRENT), &e),
     };
-    let socket = match raw.get("socket") {
-        None | Some(Value::Null) => PathBuf::from(DEFAULT_SOCKET),
-        Some(Value::String(s)) if s.starts_with('/') => PathBuf::from(s),
-        Some(other) => {
-            return failure(
-                version,
-                &CniError::InvalidNetworkConfig(format!(
-                    "\"socket\" must be an absolute path, not {other}"
-                )),
-            );
-        }
-    };
-    let state_dir = match raw.get("stateDir") {
-        None | Some(Value::Null) => PathBuf::from(DEFAULT_STATE_DIR),
-        Some(Value::String(s)) if s.starts_with('/') => PathBuf::from(s),
-        Some(other) => {
-            return failure(
-                version,
-                &CniError::InvalidNetworkConfig(format!(
-                    "\"stateDir\" must be an absolute path, not {other}"
-                )),
-            );
-        }
+    let paths = absolute_path(&raw, "socket", DEFAULT_SOCKET)
+        .and_then(|socket| Ok((socket, absolute_path(&raw, "stateDir", DEFAULT_STATE_DIR)?)));
+    let (socket, state_dir) = match paths {
+        Ok(paths) => paths,
+        Err(e) => return failure(version, &e),
     };
     match invoke(
         cmd,
@@ -192,6 +174,17 @@ pub fn run_with(
             }
         }
         Err(e) => failure(version, &e),
+    }
+}
+
+/// The absolute path in the config's `key`, or `default` when it is not there.
+fn absolute_path(raw: &Value, key: &str, default: &str) -> Result<PathBuf, CniError> {
+    match raw.get(key) {
+        None | Some(Value::Null) => Ok(PathBuf::from(default)),
+        Some(Value::String(s)) if s.starts_with('/') => Ok(PathBuf::from(s)),
+        Some(other) => Err(CniError::InvalidNetworkConfig(format!(
+            "\"{key}\" must be an absolute path, not {other}"
+        ))),
     }
 }
 

@@ -79,6 +79,23 @@ fn serve(ns: &Netns, name: &str) {
     });
 }
 
+/// Pod `name`, the `i`-th: a namespace joined to `node` by veth `veth` (198.18.i.2 in the
+/// pod, 198.18.i.1 on the node), serving.
+fn pod_netns(node: &Netns, i: usize, veth: &str, name: &str) -> Netns {
+    let ns = test_netns(name);
+    ns.lo_up().unwrap();
+    node.link_to(
+        veth,
+        &format!("198.18.{i}.1/24"),
+        &ns,
+        "eth0",
+        &format!("198.18.{i}.2/24"),
+    );
+    ns.ipc(&["route", "add", "default", "via", &format!("198.18.{i}.1")]);
+    serve(&ns, name);
+    ns
+}
+
 impl Cluster {
     fn new(backend: &'static str) -> Cluster {
         let node = test_netns("node");
@@ -96,18 +113,10 @@ impl Cluster {
         node.sysctl("net.ipv4.ip_forward", "1").unwrap();
         let mut pods = Vec::new();
         for (i, name) in ["pod-a", "pod-b"].into_iter().enumerate() {
-            let ns = test_netns(name);
-            ns.lo_up().unwrap();
-            node.link_to(
-                &format!("veth{i}"),
-                &format!("198.18.{i}.1/24"),
-                &ns,
-                "eth0",
-                &format!("198.18.{i}.2/24"),
-            );
-            ns.ipc(&["route", "add", "default", "via", &format!("198.18.{i}.1")]);
-            serve(&ns, name);
-            pods.push((name.to_owned(), ns));
+            pods.push((
+                name.to_owned(),
+                pod_netns(&node, i, &format!("veth{i}"), name),
+            ));
         }
         let dir = std::env::temp_dir().join(format!("randport-kernel-{}-{}", node.name(), backend));
         std::fs::create_dir_all(dir.join("pods/shop")).unwrap();
@@ -647,17 +656,7 @@ fn reuse_pod_ip(cluster: &mut Cluster, name: &str, new_name: &str) {
     let i = cluster.pods.iter().position(|(n, _)| n == name).unwrap();
     cluster.node.ipc(&["link", "del", &format!("veth{i}")]);
     cluster.pods.remove(i);
-    let ns = test_netns(new_name);
-    ns.lo_up().unwrap();
-    cluster.node.link_to(
-        &format!("veth{i}n"),
-        &format!("198.18.{i}.1/24"),
-        &ns,
-        "eth0",
-        &format!("198.18.{i}.2/24"),
-    );
-    ns.ipc(&["route", "add", "default", "via", &format!("198.18.{i}.1")]);
-    serve(&ns, new_name);
+    let ns = pod_netns(&cluster.node, i, &format!("veth{i}n"), new_name);
     cluster.pods.insert(i, (new_name.to_owned(), ns));
 }
 

@@ -13,20 +13,16 @@ use std::process::Command;
 use randport_itests::{Netns, root_and_tools_or_skip, test_netns};
 use serde_json::Value;
 
+/// The files of fixture layout `name`.
 fn layout(name: &str) -> BTreeMap<String, Vec<u8>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/layouts")
-        .join(name);
-    std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| {
-            let path = e.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            (name, std::fs::read(&path).unwrap())
-        })
-        .collect()
+    files(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/layouts")
+            .join(name),
+    )
 }
 
+/// Every file in `dir`, by name.
 fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
         .unwrap()
