@@ -72,6 +72,14 @@ finish() {
 trap finish EXIT
 trap 'exit 130' INT TERM
 
+# One local cluster at a time on a machine: the kubelet's kernel sysctls are global, and a
+# second run would record the first one's values as the ones to put back.
+exec 9>/tmp/randport-local-cluster.lock
+if ! flock -n 9; then
+    echo "    another local cluster run holds /tmp/randport-local-cluster.lock; waiting (up to 15 min)"
+    flock -w 900 9 || { echo "gave up waiting for the other local cluster run" >&2; exit 1; }
+fi
+
 step "starting the local cluster"
 start=$SECONDS
 cluster_up
