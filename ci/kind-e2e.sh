@@ -73,6 +73,7 @@ for node in $(kind get nodes --name "$CLUSTER"); do
 done
 
 step "end-to-end tests"
+cargo build --locked -p randport-plugin --bins # kubectl-randport for its e2e test
 RANDPORT_E2E=1 cargo nextest run -p randport-itests --test e2e --test-threads 1 --no-fail-fast
 
 step "uninstall"

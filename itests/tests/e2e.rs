@@ -504,6 +504,16 @@ async fn every_replica_gets_valid_json_and_answers_with_its_name_at_its_host_por
             );
         }
         check_answers(pod, "after the ADD").await;
+        // `kubectl describe pod` shows which ports it got.
+        let event = wait_event(&client, &pod.namespace, &pod.uid, "PortsMapped").await;
+        assert_eq!(event.type_.as_deref(), Some("Normal"));
+        let message = event.message.unwrap_or_default();
+        for entry in &pod.entries {
+            assert!(
+                message.contains(&format!("host port {}", entry.host_port)),
+                "{message}"
+            );
+        }
         // The agent's records say the same as the annotation.
         let records = agent_records(&client, &pod.node).await;
         let record = records
@@ -1302,4 +1312,80 @@ async fn an_annotated_host_network_pod_gets_a_warning_event_and_keeps_its_annota
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let running = wait_ready(&pods, "hostnet-0").await;
     assert_eq!(running.annotations().get(KEY).map(String::as_str), Some(""));
+}
+
+/// `kubectl randport ARGS` as a person runs it: kubectl finds the plugin on the PATH
+/// (`kubectl-randport` from this build: RANDPORT_E2E_BIN_DIR, else target/debug).
+fn kubectl_randport(args: &[&str]) -> String {
+    let bin_dir = std::env::var("RANDPORT_E2E_BIN_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug").to_owned());
+    assert!(
+        std::path::Path::new(&bin_dir)
+            .join("kubectl-randport")
+            .exists(),
+        "no kubectl-randport in {bin_dir}: cargo build -p randport-plugin --bins"
+    );
+    let path = format!("{bin_dir}:{}", std::env::var("PATH").unwrap_or_default());
+    let out = kubectl()
+        .arg("randport")
+        .args(args)
+        .env("PATH", path)
+        .output()
+        .expect("running kubectl randport");
+    assert!(
+        out.status.success(),
+        "kubectl randport {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn kubectl_randport_prints_the_address_that_reaches_each_pod() {
+    let test = "kubectl_randport_prints_the_address_that_reaches_each_pod";
+    if !cluster_or_skip(test) {
+        return;
+    }
+    let (_client, ns, pods) = deploy("kubectl", 2).await;
+    let json: Value =
+        serde_json::from_str(&kubectl_randport(&["ports", "-n", &ns.name, "-o", "json"])).unwrap();
+    let rows = json.as_array().unwrap();
+    assert_eq!(rows.len(), 4, "two mappings for each of two pods: {json}");
+    for pod in &pods {
+        for entry in &pod.entries {
+            let row = rows
+                .iter()
+                .find(|r| r["pod"] == pod.name.as_str() && r["hostPort"] == entry.host_port)
+                .unwrap_or_else(|| panic!("no row for {} {}: {json}", pod.name, entry.host_port));
+            let address = SocketAddr::new(pod.node_ip, entry.host_port);
+            assert_eq!(row["address"], address.to_string());
+            assert_eq!(row["node"], pod.node.as_str());
+            assert_eq!(row["status"], "mapped");
+        }
+        // What it prints reaches the pod.
+        let tcp: SocketAddr = rows
+            .iter()
+            .find(|r| r["pod"] == pod.name.as_str() && r["protocol"] == "TCP")
+            .unwrap()["address"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(answers(tcp).await.as_deref(), Ok(pod.name.as_str()));
+    }
+    // One pod, as a table; and the nodes' counts.
+    let table = kubectl_randport(&["ports", &pods[0].name, "-n", &ns.name]);
+    assert!(table.starts_with("NAMESPACE"), "{table}");
+    assert!(table.contains(&pods[0].addr().to_string()), "{table}");
+    assert!(!table.contains(&pods[1].name), "{table}");
+    let nodes: Value = serde_json::from_str(&kubectl_randport(&["nodes", "-o", "json"])).unwrap();
+    let here = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == pods[0].node.as_str())
+        .unwrap();
+    let on_node = pods.iter().filter(|p| p.node == pods[0].node).count() as u64;
+    assert!(here["tcp"].as_u64().unwrap() >= on_node, "{nodes}");
 }

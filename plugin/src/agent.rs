@@ -46,6 +46,27 @@ pub struct AgentConfig {
     pub cni_conf_dir: Option<std::path::PathBuf>,
 }
 
+/// What a PortsMapped Event says: each container port and the host port that reaches it.
+pub fn mapped_message(record: &SandboxRecord, node: &str) -> String {
+    let ports: Vec<String> = record
+        .mappings
+        .iter()
+        .map(|m| {
+            let host = match m.host_ip {
+                Some(ip) => format!("{ip}:{}", m.host_port),
+                None => format!("host port {}", m.host_port),
+            };
+            let by = if m.delegated {
+                " (by an earlier plugin)"
+            } else {
+                ""
+            };
+            format!("{}/{} -> {host}{by}", m.container_port, m.protocol)
+        })
+        .collect();
+    format!("randport mapped {} on node {node}", ports.join(", "))
+}
+
 /// Who maps a pod's explicit hostPorts (`--host-ports`). One port must have one owner:
 /// most clusters already chain `portmap`, which maps every explicit hostPort the runtime
 /// passes it.
@@ -536,7 +557,7 @@ impl Agent {
         // 6. Conntrack, after the rules, on the worker. A failure leaves stale UDP
         // flows, not a broken mapping: it is logged, not undone.
         self.flush_conntrack(&record, true);
-        // 7. Writeback.
+        // 7. Writeback, and a note on the pod for `kubectl describe`.
         if request.mapping_requested {
             let value = annotation::encode(&record.annotation_entries());
             if let Err(e) = self.pods.write_annotation(&record.pod, &value) {
@@ -544,6 +565,10 @@ impl Agent {
                 let _ = self.remove_locked(&mut inner, &record.sandbox);
                 return Err(AgentError::Writeback(e));
             }
+            self.pods.mapped(
+                &record.pod,
+                &mapped_message(&record, &self.config.node_name),
+            );
         }
         Ok(Some(record))
     }

@@ -30,6 +30,8 @@ use crate::pods::{PodError, PodInfo, PodSource, parse_pod};
 
 /// The reason of the Events the agent records on pods.
 pub const FAILURE_REASON: &str = "PortMappingFailed";
+/// The reason of the Normal Event on a pod whose ports were mapped.
+pub const MAPPED_REASON: &str = "PortsMapped";
 /// The reason of the Warning on an annotated pod that uses the node's network: such a pod
 /// gets no CNI call, so randport never sees it.
 pub const HOST_NETWORK_REASON: &str = "PortMappingNotPossible";
@@ -279,6 +281,18 @@ impl KubePodSource {
         (pod.uid.is_empty() || uid == pod.uid).then_some(cached)
     }
 
+    /// Records an Event on the pod in the background: the request's answer does not wait
+    /// for the API server. A failure to record is logged.
+    fn record(&self, pod: &PodRef, kind: EventKind, message: &str) {
+        let (client, settings) = (self.client.clone(), self.settings.clone());
+        let (pod, message) = (pod.clone(), message.to_owned());
+        self.handle.spawn(async move {
+            if let Err(e) = post_event(&client, &settings, &pod, kind, &message).await {
+                eprintln!("{e}");
+            }
+        });
+    }
+
     fn gone(pod: &PodRef, why: &str) -> PodError {
         PodError::NotFound {
             pod: pod.clone(),
@@ -316,19 +330,39 @@ async fn warn_host_network(
         settings.node_name, settings.annotation_key
     );
     eprintln!("randportd: pod {pod_ref}: {message}");
-    if let Err(e) = post_warning(client, settings, &pod_ref, HOST_NETWORK_REASON, &message).await {
+    if let Err(e) = post_event(
+        client,
+        settings,
+        &pod_ref,
+        Warning(HOST_NETWORK_REASON),
+        &message,
+    )
+    .await
+    {
         eprintln!("{e}");
     }
 }
 
-/// Records a Warning Event `reason` on the pod, retried like every call.
-async fn post_warning(
+/// An Event's type and reason.
+#[derive(Debug, Clone, Copy)]
+enum EventKind {
+    Normal(&'static str),
+    Warning(&'static str),
+}
+use EventKind::{Normal, Warning};
+
+/// Records an Event on the pod, retried like every call.
+async fn post_event(
     client: &Client,
     settings: &KubeSettings,
     pod: &PodRef,
-    reason: &str,
+    kind: EventKind,
     message: &str,
 ) -> Result<(), PodError> {
+    let (type_, reason) = match kind {
+        Normal(reason) => ("Normal", reason),
+        Warning(reason) => ("Warning", reason),
+    };
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let event = json!({
         "metadata": {
@@ -341,7 +375,7 @@ async fn post_warning(
         },
         "reason": reason,
         "message": message,
-        "type": "Warning",
+        "type": type_,
         "source": { "component": "randportd", "host": settings.node_name },
         "reportingComponent": "randportd",
         "reportingInstance": settings.node_name,
@@ -438,14 +472,13 @@ impl PodSource for KubePodSource {
     }
 
     /// Records a Warning Event on the pod, in the background: the failed request's answer
-    /// does not wait for the API server. A failure to record is logged.
+    /// does not wait for the API server.
     fn warn(&self, pod: &PodRef, message: &str) {
-        let (client, settings) = (self.client.clone(), self.settings.clone());
-        let (pod, message) = (pod.clone(), message.to_owned());
-        self.handle.spawn(async move {
-            if let Err(e) = post_warning(&client, &settings, &pod, FAILURE_REASON, &message).await {
-                eprintln!("{e}");
-            }
-        });
+        self.record(pod, Warning(FAILURE_REASON), message);
+    }
+
+    /// Records a Normal Event with the pod's mappings, in the background.
+    fn mapped(&self, pod: &PodRef, message: &str) {
+        self.record(pod, Normal(MAPPED_REASON), message);
     }
 }

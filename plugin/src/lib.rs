@@ -17,6 +17,8 @@ pub mod holder;
 pub mod install;
 #[cfg(feature = "kube")]
 pub mod kube_pods;
+#[cfg(feature = "kube")]
+pub mod kubectl;
 pub mod metrics;
 pub mod netlink;
 pub mod node_ports;

@@ -79,6 +79,11 @@ pub trait PodSource: Send + Sync {
     fn warn(&self, pod: &PodRef, message: &str) {
         let _ = (pod, message);
     }
+    /// Tells the pod's owner which ports it got (a Normal Kubernetes Event); does not wait
+    /// and cannot fail the request (a source without events ignores it).
+    fn mapped(&self, pod: &PodRef, message: &str) {
+        let _ = (pod, message);
+    }
 }
 
 fn invalid(pod: &PodRef, reason: impl Into<String>) -> PodError {
@@ -321,6 +326,8 @@ pub struct FakePodSource {
     pub fail_write: std::sync::atomic::AtomicBool,
     /// Every (pod, message) warned about, in order.
     pub warnings: std::sync::Mutex<Vec<(PodRef, String)>>,
+    /// Every (pod, message) of a successful mapping, in order.
+    pub mapped: std::sync::Mutex<Vec<(PodRef, String)>>,
 }
 
 impl FakePodSource {
@@ -387,6 +394,13 @@ impl PodSource for FakePodSource {
             .push((pod.clone(), message.to_owned()));
     }
 
+    fn mapped(&self, pod: &PodRef, message: &str) {
+        self.mapped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((pod.clone(), message.to_owned()));
+    }
+
     fn list(&self) -> Result<Vec<PodInfo>, PodError> {
         Ok(self
             .pods
@@ -410,6 +424,9 @@ impl<T: PodSource + ?Sized> PodSource for std::sync::Arc<T> {
     }
     fn warn(&self, pod: &PodRef, message: &str) {
         (**self).warn(pod, message)
+    }
+    fn mapped(&self, pod: &PodRef, message: &str) {
+        (**self).mapped(pod, message)
     }
 }
 

@@ -326,6 +326,17 @@ fn explicit_host_ports_are_left_to_portmap_before_us_in_the_chain_and_still_list
     );
     node.agent.check(&record.sandbox).unwrap();
     assert_eq!(node.agent.gauges().range_used[0], 1);
+    // The pod's Event says which ports it got, and who maps 8443.
+    let mapped = node.pods.mapped.lock().unwrap().clone();
+    assert_eq!(mapped.len(), 1);
+    assert_eq!(
+        mapped[0].1,
+        format!(
+            "randport mapped 80/TCP -> host port {}, 443/TCP -> host port 8443 (by an earlier \
+             plugin) on node node-0",
+            owned[0]
+        )
+    );
 
     // Without the annotation: nothing of ours, so no record and no rule.
     node.pods.put(pod("plain", None, ports.clone()));

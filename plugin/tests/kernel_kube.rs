@@ -332,12 +332,24 @@ fn the_agent_binary_maps_pods_from_the_api_and_writes_back_with_a_merge_patch() 
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let events = setup.api.lock().unwrap().events.clone();
-        if let Some(event) = events.first() {
-            assert_eq!(event["reason"], "PortMappingFailed");
-            assert_eq!(event["involvedObject"]["name"], "web-1");
+        let failed = events.iter().find(|e| e["reason"] == "PortMappingFailed");
+        let mapped = events.iter().find(|e| e["reason"] == "PortsMapped");
+        if let (Some(failed), Some(mapped)) = (failed, mapped) {
+            assert_eq!(failed["involvedObject"]["name"], "web-1");
+            assert_eq!(failed["type"], "Warning");
+            // web-0's mapping is on record for `kubectl describe pod`.
+            assert_eq!(mapped["involvedObject"]["name"], "web-0");
+            assert_eq!(mapped["type"], "Normal");
+            assert!(
+                mapped["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("randport mapped 8080/TCP -> host port 20"),
+                "{mapped}"
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "no Event was posted");
+        assert!(Instant::now() < deadline, "Events posted: {events:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
