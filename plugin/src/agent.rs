@@ -284,8 +284,32 @@ pub struct Agent {
     /// The firewall generation and records fingerprint of the last check that found
     /// everything in place: while both stay the same, the next check is skipped.
     verified: Mutex<Option<(u32, u64)>>,
+    /// Since when the watchdog has failed to check or repair our rules, and why.
+    repair_failing: Mutex<Option<(Instant, String)>>,
     /// Counters and histograms.
     pub metrics: Metrics,
+}
+
+/// How long each thing may be broken before `/healthz` fails.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthLimits {
+    /// How long the agent's state may stay locked (a request stuck inside it).
+    pub lock: Duration,
+    /// How long the watchdog may fail to check or repair the rules.
+    pub repair: Duration,
+    /// How long the pod source (the API watch) may be down while pods wait for it.
+    pub pods: Duration,
+}
+
+impl Default for HealthLimits {
+    /// 5 s, 30 s, 60 s.
+    fn default() -> Self {
+        HealthLimits {
+            lock: Duration::from_secs(5),
+            repair: Duration::from_secs(30),
+            pods: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Agent {
@@ -315,6 +339,7 @@ impl Agent {
             }),
             ready: AtomicBool::new(false),
             verified: Mutex::new(None),
+            repair_failing: Mutex::new(None),
             metrics: Metrics::default(),
         }
     }
@@ -739,6 +764,65 @@ impl Agent {
 
     /// Re-applies the whole firewall state when someone flushed it; true if it did.
     pub fn repair(&self) -> Result<bool, AgentError> {
+        let result = self.check_and_repair();
+        let mut failing = self
+            .repair_failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Ok(_) => *failing = None,
+            Err(e) => match &mut *failing {
+                Some((_, why)) => *why = e.to_string(),
+                None => *failing = Some((Instant::now(), e.to_string())),
+            },
+        }
+        result
+    }
+
+    /// Whether the agent can still serve, for `/healthz`: its state can be locked within
+    /// `limits.lock` (no request is stuck holding it), the watchdog has not failed for
+    /// longer than `limits.repair`, and the pod source is healthy (see
+    /// [`PodSource::health`]). The error says what is wrong.
+    pub fn health(&self, limits: &HealthLimits) -> Result<(), String> {
+        let deadline = Instant::now() + limits.lock;
+        loop {
+            match self.inner.try_lock() {
+                Ok(_) => break,
+                Err(std::sync::TryLockError::Poisoned(_)) => {
+                    return Err("a request panicked while it held the agent's state".into());
+                }
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    return Err(format!(
+                        "the agent's state has been locked for over {:?}: a request is stuck",
+                        limits.lock
+                    ));
+                }
+            }
+        }
+        if let Some((since, why)) = &*self
+            .repair_failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            && since.elapsed() > limits.repair
+        {
+            return Err(format!(
+                "the firewall rules could not be checked or repaired for {:?}: {why}",
+                since.elapsed()
+            ));
+        }
+        self.pods.health(limits.pods)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn hold_state_for(&self, duration: Duration) {
+        let _inner = self.lock();
+        std::thread::sleep(duration);
+    }
+
+    fn check_and_repair(&self) -> Result<bool, AgentError> {
         // The check runs without the lock, so that ADD and DEL never wait for it.
         let snapshot: Vec<SandboxRecord> = self.lock().records.values().cloned().collect();
         // Read before the check: a change during it shows as a newer generation next time.

@@ -637,6 +637,8 @@ pub struct FakeFirewall {
     pub calls: Mutex<Vec<String>>,
     /// When set, `add` fails.
     pub fail_add: std::sync::atomic::AtomicBool,
+    /// When set, `replace_all` fails (a kernel that refuses our rules).
+    pub fail_replace: std::sync::atomic::AtomicBool,
     /// Sandboxes whose addition fails (alone or in a batch).
     pub fail_for: Mutex<std::collections::HashSet<SandboxId>>,
     /// How long `add_many` takes, to let concurrent ADDs pile up.
@@ -665,6 +667,13 @@ impl Firewall for FakeFirewall {
 
     fn replace_all(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
         self.log(format!("replace_all({})", records.len()));
+        if self.fail_replace.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(FirewallError {
+                backend: "fake",
+                what: "replace_all".into(),
+                reason: "injected failure".into(),
+            });
+        }
         let mut present = self.present();
         present.clear();
         for r in records {

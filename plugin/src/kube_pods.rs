@@ -75,6 +75,10 @@ pub struct KubePodSource {
     handle: Handle,
     store: Store<Pod>,
     synced: Arc<AtomicBool>,
+    /// Since when the watch has failed (cleared by its next event).
+    watch_down: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// Whether an ADD missed the cache while the watch was down (a pod waited for it).
+    missed_while_down: Arc<AtomicBool>,
     watch: JoinHandle<()>,
     // Dropped last: the tasks above run on it.
     _runtime: Option<Runtime>,
@@ -205,6 +209,9 @@ impl KubePodSource {
             .modify(|pod: &mut Pod| pod.managed_fields_mut().clear())
             .reflect(writer);
         let warned = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let watch_down = Arc::new(std::sync::Mutex::new(None));
+        let missed_while_down = Arc::new(AtomicBool::new(false));
+        let (down, missed) = (Arc::clone(&watch_down), Arc::clone(&missed_while_down));
         let (watch_client, watch_settings) = (client.clone(), settings.clone());
         let watch = handle.spawn(async move {
             stream
@@ -214,6 +221,15 @@ impl KubePodSource {
                         watch_client.clone(),
                         watch_settings.clone(),
                     );
+                    {
+                        let mut down = down.lock().unwrap_or_else(|e| e.into_inner());
+                        if event.is_ok() {
+                            *down = None;
+                            missed.store(false, Ordering::SeqCst);
+                        } else if down.is_none() {
+                            *down = Some(std::time::Instant::now());
+                        }
+                    }
                     async move {
                         match event {
                             Err(e) => {
@@ -241,6 +257,8 @@ impl KubePodSource {
             handle,
             store,
             synced,
+            watch_down,
+            missed_while_down,
             watch,
             _runtime: None,
         }
@@ -406,6 +424,14 @@ impl PodSource for KubePodSource {
         if let Some(cached) = self.cached(pod) {
             return self.info(&cached);
         }
+        if self
+            .watch_down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            self.missed_while_down.store(true, Ordering::SeqCst);
+        }
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
         match self.call(|| api.get_opt(&pod.name)) {
             Ok(Some(found)) if pod.uid.is_empty() || found.uid().as_deref() == Some(&pod.uid) => {
@@ -475,6 +501,25 @@ impl PodSource for KubePodSource {
     /// does not wait for the API server.
     fn warn(&self, pod: &PodRef, message: &str) {
         self.record(pod, Warning(FAILURE_REASON), message);
+    }
+
+    /// Unhealthy when the watch of this node's pods has failed for longer than `limit` and
+    /// an ADD has missed the cache meanwhile (a pod waited on the API).
+    fn health(&self, limit: Duration) -> Result<(), String> {
+        let down = *self.watch_down.lock().unwrap_or_else(|e| e.into_inner());
+        match down {
+            Some(since)
+                if since.elapsed() > limit && self.missed_while_down.load(Ordering::SeqCst) =>
+            {
+                Err(format!(
+                    "the watch of node {}'s pods has failed for {:?} while pods waited for \
+                     their ports; is the API server reachable from this node?",
+                    self.settings.node_name,
+                    since.elapsed()
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Records a Normal Event with the pod's mappings, in the background.

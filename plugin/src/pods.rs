@@ -84,6 +84,12 @@ pub trait PodSource: Send + Sync {
     fn mapped(&self, pod: &PodRef, message: &str) {
         let _ = (pod, message);
     }
+    /// Whether the source can still serve ADDs: an error when it has been unable to for
+    /// longer than `limit` while pods waited for it.
+    fn health(&self, limit: std::time::Duration) -> Result<(), String> {
+        let _ = limit;
+        Ok(())
+    }
 }
 
 fn invalid(pod: &PodRef, reason: impl Into<String>) -> PodError {
@@ -427,6 +433,9 @@ impl<T: PodSource + ?Sized> PodSource for std::sync::Arc<T> {
     }
     fn mapped(&self, pod: &PodRef, message: &str) {
         (**self).mapped(pod, message)
+    }
+    fn health(&self, limit: std::time::Duration) -> Result<(), String> {
+        (**self).health(limit)
     }
 }
 

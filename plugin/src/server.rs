@@ -6,13 +6,13 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
-use crate::agent::Agent;
+use crate::agent::{Agent, HealthLimits};
 use crate::rpc::{ErrorReply, MAX_REQUEST, Request, Response, RpcError, read_limited};
 
 /// How long a client may take to send its request.
@@ -109,10 +109,40 @@ pub fn serve(agent: Arc<Agent>, listener: UnixListener, allowed_uid: u32) {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` over HTTP/1.0 until the process ends.
-pub fn serve_http(agent: Arc<Agent>, listener: TcpListener) {
+/// What `/healthz` checks besides [`Agent::health`].
+#[derive(Debug, Clone, Default)]
+pub struct HealthCheck {
+    /// The agent's own socket: a STATUS request must be answered through it, as the plugin
+    /// would send it (the accept loop and the request path work).
+    pub socket: Option<PathBuf>,
+    /// How long things may be broken.
+    pub limits: HealthLimits,
+}
+
+impl HealthCheck {
+    /// `Ok` when the agent can serve; else what is wrong.
+    pub fn run(&self, agent: &Agent) -> Result<(), String> {
+        agent.health(&self.limits)?;
+        if let Some(socket) = &self.socket {
+            match crate::rpc::call(socket, &Request::Status, self.limits.lock) {
+                Ok(Response::Ok { .. }) => {}
+                Ok(Response::Error(e)) => {
+                    return Err(format!("STATUS on {}: {e}", socket.display()));
+                }
+                Err(e) => return Err(format!("the agent's socket does not answer: {e}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves `/metrics`, `/healthz` (fails when the agent can no longer serve: see
+/// [`HealthCheck`]) and `/readyz` (after the first restore and reconcile) over HTTP/1.0
+/// until the process ends.
+pub fn serve_http(agent: Arc<Agent>, listener: TcpListener, health: HealthCheck) {
     for stream in listener.incoming().flatten() {
         let agent = Arc::clone(&agent);
+        let health = health.clone();
         std::thread::spawn(move || {
             let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
             let mut line = String::new();
@@ -123,7 +153,10 @@ pub fn serve_http(agent: Arc<Agent>, listener: TcpListener) {
             let path = line.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
                 "/metrics" => ("200 OK", agent.metrics.render(agent.gauges())),
-                "/healthz" => ("200 OK", "ok\n".to_owned()),
+                "/healthz" => match health.run(&agent) {
+                    Ok(()) => ("200 OK", "ok\n".to_owned()),
+                    Err(why) => ("503 Service Unavailable", format!("{why}\n")),
+                },
                 "/readyz" if agent.is_ready() => ("200 OK", "ready\n".to_owned()),
                 "/readyz" => ("503 Service Unavailable", "starting\n".to_owned()),
                 _ => (
@@ -166,8 +199,12 @@ mod tests {
     use crate::state::MemoryStateStore;
 
     fn agent() -> Agent {
+        agent_with(Arc::new(FakeFirewall::default()))
+    }
+
+    fn agent_with(firewall: Arc<FakeFirewall>) -> Agent {
         let fx = Effects {
-            firewall: Box::new(FakeFirewall::default()),
+            firewall: Box::new(firewall),
             holder: Box::new(FakeHolder::default()),
             conntrack: Box::new(FakeConntrack::default()),
             state: Box::new(MemoryStateStore::default()),
@@ -275,7 +312,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         {
             let agent = Arc::clone(&agent);
-            std::thread::spawn(move || serve_http(agent, listener));
+            std::thread::spawn(move || serve_http(agent, listener, HealthCheck::default()));
         }
         let get = |path: &str| {
             let mut stream = std::net::TcpStream::connect(addr).unwrap();
@@ -295,5 +332,71 @@ mod tests {
             "{metrics}"
         );
         assert!(get("/nope").starts_with("HTTP/1.0 404"));
+    }
+
+    #[test]
+    fn healthz_fails_when_the_agent_can_no_longer_serve() {
+        let firewall = Arc::new(FakeFirewall::default());
+        let agent = Arc::new(agent_with(Arc::clone(&firewall)));
+        agent.start().unwrap();
+        let dir = std::env::temp_dir().join(format!("randport-health-{}", fastrand::u64(..)));
+        let socket = dir.join("agent.sock");
+        let listener = bind_socket(&socket).unwrap();
+        {
+            let agent = Arc::clone(&agent);
+            let uid = nix::unistd::geteuid().as_raw();
+            std::thread::spawn(move || serve(agent, listener, uid));
+        }
+        let check = HealthCheck {
+            socket: Some(socket.clone()),
+            limits: HealthLimits {
+                lock: Duration::from_millis(200),
+                repair: Duration::from_millis(300),
+                pods: Duration::from_secs(60),
+            },
+        };
+        assert_eq!(check.run(&agent), Ok(()));
+
+        // A request stuck holding the agent's state.
+        let stuck = {
+            let agent = Arc::clone(&agent);
+            std::thread::spawn(move || agent.hold_state_for(Duration::from_millis(800)))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let e = check.run(&agent).unwrap_err();
+        assert!(e.contains("a request is stuck"), "{e}");
+        stuck.join().unwrap();
+        assert_eq!(check.run(&agent), Ok(()));
+
+        // The watchdog cannot repair the rules: fine for a while, then unhealthy, and
+        // healthy again once a repair works.
+        firewall
+            .present
+            .lock()
+            .unwrap()
+            .insert(randport_core::SandboxId("stray".into()), 1);
+        firewall
+            .fail_replace
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(agent.repair().is_err());
+        assert_eq!(check.run(&agent), Ok(()), "not for the first failure");
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(agent.repair().is_err());
+        let e = check.run(&agent).unwrap_err();
+        assert!(
+            e.contains("could not be checked or repaired") && e.contains("injected"),
+            "{e}"
+        );
+        firewall
+            .fail_replace
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(agent.repair().unwrap(), true);
+        assert_eq!(check.run(&agent), Ok(()));
+
+        // Nobody answers on the socket.
+        std::fs::remove_file(&socket).unwrap();
+        let e = check.run(&agent).unwrap_err();
+        assert!(e.contains("socket does not answer"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -224,6 +224,15 @@ impl State {
 
 impl Mock {
     fn start(pods: Vec<Value>, tweak: impl FnOnce(&mut KubeSettings)) -> Mock {
+        Mock::start_failing(pods, &[], tweak)
+    }
+
+    /// [`Mock::start`] with requests that fail from the start: (method, path, status, times).
+    fn start_failing(
+        pods: Vec<Value>,
+        failures: &[(Method, &str, u16, usize)],
+        tweak: impl FnOnce(&mut KubeSettings),
+    ) -> Mock {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -235,6 +244,16 @@ impl Mock {
         }));
         for p in pods {
             Mock::insert(&mut state.lock().unwrap(), p);
+        }
+        for (method, path, code, times) in failures {
+            for _ in 0..*times {
+                state.lock().unwrap().failures.push_back((
+                    method.clone(),
+                    (*path).to_owned(),
+                    *code,
+                    format!("injected {code}"),
+                ));
+            }
         }
         let (service, handle) =
             tower_test::mock::pair::<Request<kube::client::Body>, Response<Body>>();
@@ -761,4 +780,36 @@ fn an_annotated_host_network_pod_gets_one_warning_and_keeps_its_annotation() {
     // The annotation is left as it is: no PATCH at all.
     assert!(mock.requests("PATCH").is_empty());
     assert_eq!(mock.annotations("ingress-0")[KEY], "");
+}
+
+#[test]
+fn the_source_is_unhealthy_when_its_watch_is_down_while_pods_wait() {
+    // The API lists and watches nothing (every LIST/WATCH of pods fails); single pods can
+    // still be read.
+    let mock = Mock::start_failing(
+        vec![pod("web-0", NODE, json!({KEY: ""}))],
+        &[(Method::GET, "/api/v1/pods", 500, 10_000)],
+        |_| {},
+    );
+    let limit = Duration::from_millis(300);
+    mock.wait_for("a failed watch", |m| {
+        !m.requests("GET /api/v1/pods").is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    // Down, but no pod waited: healthy.
+    assert_eq!(mock.source.health(limit), Ok(()));
+    // An ADD misses the cache (and is served by a GET)...
+    mock.source.get(&pod_ref("web-0")).unwrap();
+    std::thread::sleep(limit + Duration::from_millis(100));
+    // ... and the watch has been down for longer than the limit: unhealthy, saying why.
+    let e = mock.source.health(limit).unwrap_err();
+    assert!(
+        e.contains("watch") && e.contains("node-0") && e.contains("API server"),
+        "{e}"
+    );
+    assert_eq!(
+        mock.source.health(Duration::from_secs(3600)),
+        Ok(()),
+        "within a long limit"
+    );
 }

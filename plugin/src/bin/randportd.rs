@@ -483,7 +483,11 @@ fn run_agent(cli: Cli) -> Result<()> {
         let http = TcpListener::bind(&cli.metrics_addr)
             .with_context(|| format!("binding --metrics-addr {}", cli.metrics_addr))?;
         let agent = Arc::clone(&agent);
-        std::thread::spawn(move || server::serve_http(agent, http));
+        let health = server::HealthCheck {
+            socket: Some(cli.socket.clone()),
+            limits: randport_plugin::agent::HealthLimits::default(),
+        };
+        std::thread::spawn(move || server::serve_http(agent, http, health));
     }
 
     let started = std::time::Instant::now();
