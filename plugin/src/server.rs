@@ -390,7 +390,7 @@ mod tests {
         firewall
             .fail_replace
             .store(false, std::sync::atomic::Ordering::SeqCst);
-        assert_eq!(agent.repair().unwrap(), true);
+        assert!(agent.repair().unwrap(), "the rules are repaired");
         assert_eq!(check.run(&agent), Ok(()));
 
         // Nobody answers on the socket.
