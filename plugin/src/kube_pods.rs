@@ -30,6 +30,9 @@ use crate::pods::{PodError, PodInfo, PodSource, parse_pod};
 
 /// The reason of the Events the agent records on pods.
 pub const FAILURE_REASON: &str = "PortMappingFailed";
+/// The reason of the Warning on an annotated pod that has been running for a while and
+/// still has no ports (the plugin was never called for it, say).
+pub const UNMAPPED_REASON: &str = "PortMappingMissing";
 /// The reason of the Normal Event on a pod whose ports were mapped.
 pub const MAPPED_REASON: &str = "PortsMapped";
 /// The reason of the Warning on an annotated pod that uses the node's network: such a pod
@@ -51,6 +54,10 @@ pub struct KubeSettings {
     pub call_timeout: Duration,
     /// How long a listing waits for the watch's first sync.
     pub sync_timeout: Duration,
+    /// How long an annotated pod may run without its ports before it gets a Warning.
+    pub unmapped_after: Duration,
+    /// How often pods are looked at for that.
+    pub unmapped_check: Duration,
 }
 
 impl KubeSettings {
@@ -64,6 +71,8 @@ impl KubeSettings {
             first_backoff: Duration::from_millis(25),
             call_timeout: Duration::from_secs(5),
             sync_timeout: Duration::from_secs(30),
+            unmapped_after: Duration::from_secs(30),
+            unmapped_check: Duration::from_secs(10),
         }
     }
 }
@@ -80,6 +89,7 @@ pub struct KubePodSource {
     /// Whether an ADD missed the cache while the watch was down (a pod waited for it).
     missed_while_down: Arc<AtomicBool>,
     watch: JoinHandle<()>,
+    unmapped: JoinHandle<()>,
     // Dropped last: the tasks above run on it.
     _runtime: Option<Runtime>,
 }
@@ -244,6 +254,11 @@ impl KubePodSource {
                 })
                 .await;
         });
+        let unmapped = handle.spawn(warn_unmapped(
+            store.clone(),
+            client.clone(),
+            settings.clone(),
+        ));
         let ready = store.clone();
         let flag = Arc::clone(&synced);
         handle.spawn(async move {
@@ -260,6 +275,7 @@ impl KubePodSource {
             watch_down,
             missed_while_down,
             watch,
+            unmapped,
             _runtime: None,
         }
     }
@@ -369,6 +385,61 @@ enum EventKind {
 }
 use EventKind::{Normal, Warning};
 
+/// Every `settings.unmapped_check`, a Warning (once per pod) on each annotated pod of this
+/// node that has been running for over `settings.unmapped_after` and still has no ports:
+/// something kept randport out of its network setup (the conflist was rewritten without
+/// it, another runtime handler, the plugin missing from the CNI bin directory).
+async fn warn_unmapped(store: Store<Pod>, client: Client, settings: KubeSettings) {
+    let mut warned = std::collections::HashSet::new();
+    loop {
+        tokio::time::sleep(settings.unmapped_check).await;
+        let now = k8s_openapi::jiff::Timestamp::now();
+        for pod in store.state() {
+            let status = pod.status.as_ref();
+            let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
+            let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+            let unmapped = pod
+                .annotations()
+                .get(&settings.annotation_key)
+                .is_some_and(|v| v.is_empty());
+            let Some(started) = status.and_then(|s| s.start_time.as_ref()) else {
+                continue;
+            };
+            let for_ = now.duration_since(started.0).unsigned_abs();
+            if !running || host_network || !unmapped || for_ < settings.unmapped_after {
+                continue;
+            }
+            let uid = pod.uid().unwrap_or_default();
+            if !warned.insert(uid.clone()) {
+                continue;
+            }
+            let mut pod_ref = PodRef::new(pod.namespace().unwrap_or_default(), pod.name_any());
+            pod_ref.uid = uid;
+            let message = format!(
+                "the pod has run for {}s on node {} and asked for ports ({}), but randport was \
+                 never called for it: is randport in the node's CNI conflist (randportd \
+                 install; kubectl -n kube-system logs ds/randport) and the plugin in the CNI \
+                 bin directory? Recreate the pod once it is",
+                for_.as_secs(),
+                settings.node_name,
+                settings.annotation_key
+            );
+            eprintln!("randportd: pod {pod_ref}: {message}");
+            if let Err(e) = post_event(
+                &client,
+                &settings,
+                &pod_ref,
+                Warning(UNMAPPED_REASON),
+                &message,
+            )
+            .await
+            {
+                eprintln!("{e}");
+            }
+        }
+    }
+}
+
 /// Records an Event on the pod, retried like every call.
 async fn post_event(
     client: &Client,
@@ -416,6 +487,7 @@ async fn post_event(
 impl Drop for KubePodSource {
     fn drop(&mut self) {
         self.watch.abort();
+        self.unmapped.abort();
     }
 }
 

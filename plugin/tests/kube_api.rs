@@ -25,7 +25,7 @@ use randport_plugin::conntrack::FakeConntrack;
 use randport_plugin::firewall::FakeFirewall;
 use randport_plugin::holder::FakeHolder;
 use randport_plugin::kube_pods::{
-    FAILURE_REASON, HOST_NETWORK_REASON, KubePodSource, KubeSettings,
+    FAILURE_REASON, HOST_NETWORK_REASON, KubePodSource, KubeSettings, UNMAPPED_REASON,
 };
 use randport_plugin::pods::{PodError, PodSource};
 use randport_plugin::rpc::AddRequest;
@@ -811,5 +811,48 @@ fn the_source_is_unhealthy_when_its_watch_is_down_while_pods_wait() {
         mock.source.health(Duration::from_secs(3600)),
         Ok(()),
         "within a long limit"
+    );
+}
+
+#[test]
+fn an_annotated_pod_running_without_ports_gets_one_warning() {
+    let running = |name: &str, annotations: Value, started: &str| {
+        let mut p = pod(name, NODE, annotations);
+        p["status"]["phase"] = json!("Running");
+        p["status"]["startTime"] = json!(started);
+        p
+    };
+    let long_ago = "2026-01-01T00:00:00Z";
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let mut pending = pod("pending", NODE, json!({KEY: ""}));
+    pending["status"]["phase"] = json!("Pending");
+    pending["status"]["startTime"] = json!(long_ago);
+    let mock = Mock::start(
+        vec![
+            running("forgotten", json!({KEY: ""}), long_ago),
+            running(
+                "mapped",
+                json!({KEY: r#"[{"hostPort":20001,"containerPort":8080,"protocol":"TCP","podName":"mapped"}]"#}),
+                long_ago,
+            ),
+            running("young", json!({KEY: ""}), &now),
+            running("plain", json!({}), long_ago),
+            pending,
+        ],
+        |s| s.unmapped_check = Duration::from_millis(50),
+    )
+    .synced();
+    mock.wait_for("the Warning", |m| !m.state().events.is_empty());
+    // A few more checks: no repeat, nobody else.
+    std::thread::sleep(Duration::from_millis(300));
+    let events = mock.state().events.clone();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["reason"], UNMAPPED_REASON);
+    assert_eq!(events[0]["type"], "Warning");
+    assert_eq!(events[0]["involvedObject"]["name"], "forgotten");
+    let message = events[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("randport was never called") && message.contains(NODE),
+        "{message}"
     );
 }
