@@ -869,18 +869,55 @@ impl Agent {
         };
         let result = match request {
             Request::Add(add) => {
-                let r = self.add(&add).map(|r| ok(r.into_iter().collect()));
+                let r = self.add(&add);
                 self.metrics.add_seconds.observe(started.elapsed());
-                if r.is_ok() {
-                    self.metrics.adds.fetch_add(1, Ordering::Relaxed);
+                match &r {
+                    Ok(Some(record)) => {
+                        self.metrics.adds.fetch_add(1, Ordering::Relaxed);
+                        for m in &record.mappings {
+                            tracing::info!(
+                                pod = %add.pod,
+                                sandbox = %add.sandbox,
+                                port = m.host_port,
+                                container_port = m.container_port,
+                                protocol = %m.protocol,
+                                by_another_plugin = m.delegated,
+                                "mapped"
+                            );
+                        }
+                    }
+                    Ok(None) => {
+                        self.metrics.adds.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(pod = %add.pod, sandbox = %add.sandbox, "nothing to map");
+                    }
+                    Err(e) => tracing::warn!(
+                        pod = %add.pod,
+                        sandbox = %add.sandbox,
+                        code = e.code().0,
+                        error = %e,
+                        "ADD failed"
+                    ),
                 }
-                r
+                r.map(|r| ok(r.into_iter().collect()))
             }
             Request::Del { sandbox } => {
+                let pod = self.lock().records.get(&sandbox).map(|r| r.pod.to_string());
                 let r = self.del(&sandbox).map(|()| ok(vec![]));
                 self.metrics.del_seconds.observe(started.elapsed());
-                if r.is_ok() {
-                    self.metrics.dels.fetch_add(1, Ordering::Relaxed);
+                match &r {
+                    Ok(_) => {
+                        self.metrics.dels.fetch_add(1, Ordering::Relaxed);
+                        if let Some(pod) = pod {
+                            tracing::info!(%pod, %sandbox, "released");
+                        }
+                    }
+                    Err(e) => tracing::warn!(
+                        pod = pod.as_deref().unwrap_or(""),
+                        %sandbox,
+                        code = e.code().0,
+                        error = %e,
+                        "DEL failed"
+                    ),
                 }
                 r
             }

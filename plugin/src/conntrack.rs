@@ -132,7 +132,7 @@ impl ConntrackQueue {
         std::thread::spawn(move || {
             for (key, port, keep, context) in rx {
                 if let Err(e) = conntrack.flush_stale(key, port, &keep) {
-                    eprintln!("randportd: warning: {context}: {e}");
+                    tracing::warn!(context = %context, error = %e, "conntrack flush failed");
                 }
                 counter.fetch_sub(1, Ordering::SeqCst);
             }

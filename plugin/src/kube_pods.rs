@@ -243,7 +243,7 @@ impl KubePodSource {
                     async move {
                         match event {
                             Err(e) => {
-                                eprintln!("randportd: watching this node's pods: {e}; retrying")
+                                tracing::warn!(error = %e, "watching this node's pods; retrying")
                             }
                             Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
                                 warn_host_network(&client, &settings, &pod, &warned).await
@@ -322,7 +322,7 @@ impl KubePodSource {
         let (pod, message) = (pod.clone(), message.to_owned());
         self.handle.spawn(async move {
             if let Err(e) = post_event(&client, &settings, &pod, kind, &message).await {
-                eprintln!("{e}");
+                tracing::warn!(error = %e, "recording an Event");
             }
         });
     }
@@ -363,7 +363,7 @@ async fn warn_host_network(
          container ports on the node directly, or drop hostNetwork to get random ports",
         settings.node_name, settings.annotation_key
     );
-    eprintln!("randportd: pod {pod_ref}: {message}");
+    tracing::warn!(pod = %pod_ref, "{message}");
     if let Err(e) = post_event(
         client,
         settings,
@@ -373,7 +373,7 @@ async fn warn_host_network(
     )
     .await
     {
-        eprintln!("{e}");
+        tracing::warn!(error = %e, "recording an Event");
     }
 }
 
@@ -424,7 +424,7 @@ async fn warn_unmapped(store: Store<Pod>, client: Client, settings: KubeSettings
                 settings.node_name,
                 settings.annotation_key
             );
-            eprintln!("randportd: pod {pod_ref}: {message}");
+            tracing::warn!(pod = %pod_ref, "{message}");
             if let Err(e) = post_event(
                 &client,
                 &settings,
@@ -434,7 +434,7 @@ async fn warn_unmapped(store: Store<Pod>, client: Client, settings: KubeSettings
             )
             .await
             {
-                eprintln!("{e}");
+                tracing::warn!(error = %e, "recording an Event");
             }
         }
     }

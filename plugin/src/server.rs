@@ -104,7 +104,7 @@ pub fn serve(agent: Arc<Agent>, listener: UnixListener, allowed_uid: u32) {
                 let agent = Arc::clone(&agent);
                 std::thread::spawn(move || serve_connection(&agent, stream, allowed_uid));
             }
-            Err(e) => eprintln!("randportd: accepting a connection: {e}"),
+            Err(e) => tracing::warn!(error = %e, "accepting a connection"),
         }
     }
 }
@@ -180,10 +180,10 @@ pub fn watchdog(agent: Arc<Agent>, interval: Duration) {
         std::thread::sleep(interval);
         match agent.repair() {
             Ok(true) => {
-                eprintln!("randportd: our firewall rules were flushed by someone else; re-applied")
+                tracing::warn!("our firewall rules were flushed by someone else; re-applied")
             }
             Ok(false) => {}
-            Err(e) => eprintln!("randportd: checking the firewall: {e}"),
+            Err(e) => tracing::error!(error = %e, "checking the firewall"),
         }
     }
 }

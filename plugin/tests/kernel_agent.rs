@@ -182,6 +182,8 @@ impl Cluster {
         }
         let child = command
             .arg(env!("CARGO_BIN_EXE_randportd"))
+            // One JSON object a line, so that tests can read the fields.
+            .env("RANDPORT_LOG_FORMAT", "json")
             .args([
                 "--node-name",
                 "node-0",
@@ -406,6 +408,38 @@ fn traffic_reaches_the_right_pod_and_stops_after_del(backend: &'static str) {
     // The watchdog ran several times meanwhile and found nothing to repair.
     let log = std::fs::read_to_string(&_agent.log).unwrap();
     assert!(!log.contains("re-applied"), "spurious repair:\n{log}");
+
+    // Every log line is a JSON object; those about a mapping carry pod, sandbox and port,
+    // a failure its CNI code.
+    let (ok, _) = cluster.cni("ADD", "sb-pod-b", "pod-a");
+    assert!(!ok, "a sandbox reused for another pod must fail");
+    let log = std::fs::read_to_string(&_agent.log).unwrap();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let mapped = lines
+        .iter()
+        .find(|l| l["message"] == "mapped" && l["port"] == b_tcp)
+        .unwrap_or_else(|| panic!("no line for port {b_tcp}:\n{log}"));
+    assert_eq!(mapped["pod"], "shop/pod-b");
+    assert_eq!(mapped["sandbox"], "sb-pod-b");
+    assert_eq!(mapped["protocol"], "TCP");
+    assert_eq!(mapped["level"], "INFO");
+    let released = lines
+        .iter()
+        .find(|l| l["message"] == "released")
+        .unwrap_or_else(|| panic!("no DEL line:\n{log}"));
+    assert_eq!(released["pod"], "shop/pod-a");
+    let failed = lines
+        .iter()
+        .find(|l| l["message"] == "ADD failed")
+        .unwrap_or_else(|| panic!("no failed ADD line:\n{log}"));
+    assert_eq!(failed["pod"], "shop/pod-a");
+    assert_eq!(failed["sandbox"], "sb-pod-b");
+    assert_eq!(failed["level"], "WARN");
+    assert_eq!(failed["code"], 7, "a reused sandbox is a bad request: {failed}");
+    assert!(failed["error"].as_str().unwrap().contains("sb-pod-b"), "{failed}");
 }
 
 fn restart_keeps_connections_and_flushes_are_repaired(backend: &'static str) {

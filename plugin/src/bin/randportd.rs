@@ -81,10 +81,20 @@ struct Cli {
     /// never (only the annotation's random ports).
     #[arg(long, env = "RANDPORT_HOST_PORTS", value_enum, default_value = "auto")]
     host_ports: HostPorts,
+    /// Log lines as `text` or `json` (one object a line, with fields pod, sandbox, port,
+    /// code); RUST_LOG filters them (default: info).
+    #[arg(long, env = "RANDPORT_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
     /// Keep our entry in the node's conflist in this directory (put back within 5 s when a
     /// network plugin rewrites the file). Unset: the conflist is left alone.
     #[arg(long, env = "RANDPORT_CNI_CONF_DIR")]
     cni_conf_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -257,14 +267,13 @@ fn keep_conflist_entry(dir: &std::path::Path, ours: &serde_json::Value) {
     loop {
         std::thread::sleep(Duration::from_secs(5));
         match install::ensure_entry(dir, ours) {
-            Ok(Some(file)) => eprintln!(
-                "randportd: our entry was missing from {}; put it back",
-                file.display()
-            ),
+            Ok(Some(file)) => {
+                tracing::info!("our entry was missing from {}; put it back", file.display())
+            }
             Ok(None) => last_error.clear(),
             Err(e) if e.to_string() != last_error => {
                 last_error = e.to_string();
-                eprintln!("randportd: warning: {e}");
+                tracing::warn!("{e}");
             }
             Err(_) => {}
         }
@@ -310,14 +319,31 @@ fn exit_on_termination() -> Result<()> {
     set.thread_block().context("blocking SIGTERM and SIGINT")?;
     std::thread::spawn(move || {
         if let Ok(signal) = set.wait() {
-            eprintln!("randportd: {signal}: exiting; the mappings stay for the next agent");
+            tracing::info!("{signal}: exiting; the mappings stay for the next agent");
             std::process::exit(0);
         }
     });
     Ok(())
 }
 
+/// Logs to stderr, filtered by RUST_LOG (default: info), as text or one JSON object a line.
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,kube=warn,tower=warn,hyper=warn")
+    });
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+}
+
 fn run_agent(cli: Cli) -> Result<()> {
+    init_logs(cli.log_format);
     exit_on_termination()?;
     let node_name = match cli.node_name {
         Some(name) => name,
@@ -346,9 +372,9 @@ fn run_agent(cli: Cli) -> Result<()> {
         // Before serving: a conflist without us means pods started now get no ports.
         let ours = install::entry(&cli.socket, &cli.state_dir);
         match install::ensure_entry(dir, &ours) {
-            Ok(Some(file)) => eprintln!("randportd: added randport to {}", file.display()),
+            Ok(Some(file)) => tracing::info!("added randport to {}", file.display()),
             Ok(None) => {}
-            Err(e) => eprintln!("randportd: warning: {e}"),
+            Err(e) => tracing::warn!("{e}"),
         }
         let dir = dir.clone();
         std::thread::spawn(move || keep_conflist_entry(&dir, &ours));
@@ -372,7 +398,7 @@ fn run_agent(cli: Cli) -> Result<()> {
         if firewall::enable_route_localnet(sysctl_dir, &cli.state_dir)
             .context("setting net.ipv4.conf.all.route_localnet=1 for --localhost-access")?
         {
-            eprintln!("randportd: set net.ipv4.conf.all.route_localnet=1 for --localhost-access");
+            tracing::info!("set net.ipv4.conf.all.route_localnet=1 for --localhost-access");
         }
     } else {
         match firewall::restore_route_localnet(
@@ -380,16 +406,16 @@ fn run_agent(cli: Cli) -> Result<()> {
             &cli.state_dir,
             firewall::kube_proxy_uses_route_localnet,
         ) {
-            Ok(Some(said)) => eprintln!("randportd: {said}"),
+            Ok(Some(said)) => tracing::info!("{said}"),
             Ok(None) => {}
-            Err(e) => eprintln!(
-                "randportd: warning: undoing route_localnet=1 of an earlier --localhost-access: {e}"
-            ),
+            Err(e) => {
+                tracing::warn!("undoing route_localnet=1 of an earlier --localhost-access: {e}")
+            }
         }
     }
     let node = NodePorts::default();
     let reserved = node.reserved().unwrap_or_else(|e| {
-        eprintln!("randportd: warning: {e}; no ports are treated as reserved");
+        tracing::warn!("{e}; no ports are treated as reserved");
         ReservedPorts::none()
     });
     if let Some(warning) = node
@@ -397,13 +423,13 @@ fn run_agent(cli: Cli) -> Result<()> {
         .ok()
         .and_then(|eph| overlap_warning(cli.port_range, eph))
     {
-        eprintln!("randportd: warning: {warning}");
+        tracing::warn!("{warning}");
     }
     // Does the kernel take our ruleset? Which iptables do the node's rules use?
     let choice = firewall::preflight(cli.firewall, cli.localhost_access, &firewall::run_tool);
     if let Some(why) = &choice.fell_back {
-        eprintln!(
-            "randportd: warning: the kernel refused randport's nftables ruleset (a check load \
+        tracing::warn!(
+            "the kernel refused randport's nftables ruleset (a check load \
              with nft -c: {why}); using iptables instead (randport_firewall_backend says so)"
         );
         if cli.localhost_access {
@@ -414,9 +440,10 @@ fn run_agent(cli: Cli) -> Result<()> {
         }
     }
     if choice.backend == Backend::Iptables {
-        eprintln!(
-            "randportd: iptables commands: {:?} ({})",
-            choice.flavour, choice.flavour_reason
+        tracing::info!(
+            "iptables commands: {:?} ({})",
+            choice.flavour,
+            choice.flavour_reason
         );
     }
     offline::write_info(
@@ -439,10 +466,7 @@ fn run_agent(cli: Cli) -> Result<()> {
         Backend::Iptables => Box::new(NftFirewall::new(randport_core::render::nft::DEFAULT_TABLE)),
     };
     if let Err(e) = other.teardown() {
-        eprintln!(
-            "randportd: warning: removing {} leftovers: {e}",
-            other.name()
-        );
+        tracing::warn!("removing {} leftovers: {e}", other.name());
     }
 
     let config = AgentConfig {
@@ -493,10 +517,10 @@ fn run_agent(cli: Cli) -> Result<()> {
     let started = std::time::Instant::now();
     let report = agent.start().context("restoring the node's mappings")?;
     for warning in &report.warnings {
-        eprintln!("randportd: warning: {warning}");
+        tracing::warn!("{warning}");
     }
-    eprintln!(
-        "randportd: node {node_name} ready in {:.0?}: {} sandboxes restored, {} released, {} annotations rewritten; \
+    tracing::info!(
+        "node {node_name} ready in {:.0?}: {} sandboxes restored, {} released, {} annotations rewritten; \
          firewall {:?}, range {}, socket {}",
         started.elapsed(),
         report.restored,
@@ -510,8 +534,7 @@ fn run_agent(cli: Cli) -> Result<()> {
         .cni_conf_dir
         .as_deref()
         .and_then(install::earlier_port_mapper_in);
-    eprintln!(
-        "randportd: explicit hostPorts ({:?}): {}",
+    tracing::info!("explicit hostPorts ({:?}): {}",
         cli.host_ports,
         match (cli.host_ports, cli.cni_conf_dir.is_some(), earlier) {
             (HostPorts::All, ..) => "randport maps them".to_owned(),
