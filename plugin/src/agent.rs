@@ -832,10 +832,10 @@ impl Agent {
             .map(|generation| (generation, fingerprint(&snapshot)));
         let verified = || self.verified.lock().unwrap_or_else(|e| e.into_inner());
         if seen.is_some() && *verified() == seen {
-            self.metrics.checks_skipped.fetch_add(1, Ordering::Relaxed);
+            self.metrics.count_check(false);
             return Ok(false);
         }
-        self.metrics.checks.fetch_add(1, Ordering::Relaxed);
+        self.metrics.count_check(true);
         if self.firewall.intact(&snapshot)? {
             *verified() = seen;
             return Ok(false);
@@ -844,7 +844,7 @@ impl Agent {
         let inner = self.lock();
         let all: Vec<SandboxRecord> = inner.records.values().cloned().collect();
         self.firewall.replace_all(&all)?;
-        self.metrics.repairs.fetch_add(1, Ordering::Relaxed);
+        self.metrics.count_repair();
         Ok(true)
     }
 
@@ -856,7 +856,9 @@ impl Agent {
             sandboxes: inner.records.len(),
             range_used: Protocol::ALL.map(|p| inner.alloc.in_use(p)),
             range_size: self.config.port_range.len(),
+            range: self.config.port_range.to_string(),
             ready: self.is_ready(),
+            api_retries: self.pods.api_retries(),
         }
     }
 
@@ -870,10 +872,10 @@ impl Agent {
         let result = match request {
             Request::Add(add) => {
                 let r = self.add(&add);
-                self.metrics.add_seconds.observe(started.elapsed());
+                self.metrics.observe("ADD", started.elapsed());
                 match &r {
                     Ok(Some(record)) => {
-                        self.metrics.adds.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.count_request("ADD");
                         for m in &record.mappings {
                             tracing::info!(
                                 pod = %add.pod,
@@ -887,7 +889,7 @@ impl Agent {
                         }
                     }
                     Ok(None) => {
-                        self.metrics.adds.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.count_request("ADD");
                         tracing::debug!(pod = %add.pod, sandbox = %add.sandbox, "nothing to map");
                     }
                     Err(e) => tracing::warn!(
@@ -903,10 +905,10 @@ impl Agent {
             Request::Del { sandbox } => {
                 let pod = self.lock().records.get(&sandbox).map(|r| r.pod.to_string());
                 let r = self.del(&sandbox).map(|()| ok(vec![]));
-                self.metrics.del_seconds.observe(started.elapsed());
+                self.metrics.observe("DEL", started.elapsed());
                 match &r {
                     Ok(_) => {
-                        self.metrics.dels.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.count_request("DEL");
                         if let Some(pod) = pod {
                             tracing::info!(%pod, %sandbox, "released");
                         }
@@ -929,7 +931,7 @@ impl Agent {
         match result {
             Ok(response) => response,
             Err(e) => {
-                self.metrics.fail(e.reason());
+                self.metrics.fail(e.reason(), e.code().0);
                 Response::Error(e.reply())
             }
         }

@@ -58,6 +58,8 @@ pub struct KubeSettings {
     pub unmapped_after: Duration,
     /// How often pods are looked at for that.
     pub unmapped_check: Duration,
+    /// Counts retried API calls (shared by every clone of these settings).
+    pub retried: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl KubeSettings {
@@ -73,6 +75,7 @@ impl KubeSettings {
             sync_timeout: Duration::from_secs(30),
             unmapped_after: Duration::from_secs(30),
             unmapped_check: Duration::from_secs(10),
+            retried: Arc::default(),
         }
     }
 }
@@ -177,6 +180,7 @@ where
         };
         match result {
             Err(e) if attempt < settings.attempts && transient(&e) => {
+                settings.retried.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(delay).await;
                 delay *= 2;
                 attempt += 1;
@@ -592,6 +596,10 @@ impl PodSource for KubePodSource {
             }
             _ => Ok(()),
         }
+    }
+
+    fn api_retries(&self) -> u64 {
+        self.settings.retried.load(Ordering::Relaxed)
     }
 
     /// Records a Normal Event with the pod's mappings, in the background.

@@ -1,85 +1,129 @@
-//! The agent's metrics, in the Prometheus text format: active mappings, range use, ADD
-//! and DEL counts and latency, failures by reason.
+//! The agent's metrics, with the prometheus-client crate, in the OpenMetrics text format
+//! (which Prometheus scrapes): mappings and ports in use and free, CNI requests and their
+//! latency, failures by reason and CNI code, API retries, the watchdog's checks and repairs,
+//! the firewall backend. [`METRICS`] lists every family with its help text; `docs` and the
+//! README are checked against it by a test.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use std::time::Duration;
+
+/// A metric's label set.
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
 
 /// Upper bounds of the latency histogram buckets, in seconds.
 const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 
-/// A latency histogram.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one observation.
-    pub fn observe(&self, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64();
-        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
-            if secs <= *bound {
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(
-            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}le=\"{bound}\"}} {}",
-                count.load(Ordering::Relaxed)
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{}}} {sum}", labels.trim_end_matches(','));
-        let _ = writeln!(
-            out,
-            "{name}_count{{{}}} {count}",
-            labels.trim_end_matches(',')
-        );
-    }
-}
+/// Every metric family the agent exposes: (name as scraped, type, labels, help without
+/// its final period, which the encoder adds).
+pub const METRICS: &[(&str, &str, &str, &str)] = &[
+    (
+        "randport_mappings",
+        "gauge",
+        "",
+        "Host port mappings randport holds and maps",
+    ),
+    ("randport_sandboxes", "gauge", "", "Sandboxes with mappings"),
+    (
+        "randport_range_ports",
+        "gauge",
+        "range",
+        "Ports in the random range",
+    ),
+    (
+        "randport_range_ports_used",
+        "gauge",
+        "protocol, range",
+        "Ports of the range in use",
+    ),
+    (
+        "randport_range_ports_free",
+        "gauge",
+        "protocol, range",
+        "Ports of the range still free",
+    ),
+    (
+        "randport_ready",
+        "gauge",
+        "",
+        "Whether the agent serves (restored and reconciled)",
+    ),
+    (
+        "randport_cni_requests_total",
+        "counter",
+        "verb",
+        "CNI requests answered with success",
+    ),
+    (
+        "randport_cni_duration_seconds",
+        "histogram",
+        "verb",
+        "CNI request latency in the agent",
+    ),
+    (
+        "randport_failures_total",
+        "counter",
+        "reason, code",
+        "Failed requests by reason and CNI error code",
+    ),
+    (
+        "randport_api_retries_total",
+        "counter",
+        "",
+        "Kubernetes API calls retried after a conflict or a transient error",
+    ),
+    (
+        "randport_firewall_repairs_total",
+        "counter",
+        "",
+        "Times our rules were found flushed and re-applied",
+    ),
+    (
+        "randport_firewall_checks_total",
+        "counter",
+        "result",
+        "Watchdog checks of our rules: listed, or skipped because no rule of the node changed since the last good check",
+    ),
+    (
+        "randport_firewall_backend",
+        "gauge",
+        "backend, fallback",
+        "The firewall backend in use; fallback=\"true\" when nftables was asked for and the kernel refused its ruleset",
+    ),
+];
 
 /// Everything the agent counts.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    /// ADD latency.
-    pub add_seconds: Histogram,
-    /// DEL latency.
-    pub del_seconds: Histogram,
-    /// ADDs answered with success.
-    pub adds: AtomicU64,
-    /// DELs answered with success.
-    pub dels: AtomicU64,
-    /// Failures by reason.
-    pub failures: Mutex<BTreeMap<&'static str, u64>>,
-    /// Times the firewall was found flushed and re-applied.
-    pub repairs: AtomicU64,
-    /// Watchdog checks that listed our rules.
-    pub checks: AtomicU64,
-    /// Watchdog checks skipped because no rule of the node had changed since the last
-    /// check that found ours in place.
-    pub checks_skipped: AtomicU64,
-    /// The firewall backend in use, and whether it is a fallback from nftables.
-    pub backend: Mutex<Option<(&'static str, bool)>>,
+    registry: Registry,
+    mappings: Gauge,
+    sandboxes: Gauge,
+    range_ports: Family<Labels, Gauge>,
+    range_used: Family<Labels, Gauge>,
+    range_free: Family<Labels, Gauge>,
+    ready: Gauge,
+    requests: Family<Labels, Counter>,
+    duration: Family<Labels, Histogram, fn() -> Histogram>,
+    failures: Family<Labels, Counter>,
+    api_retries: Counter,
+    repairs: Counter,
+    checks: Family<Labels, Counter>,
+    backend: Family<Labels, Gauge>,
 }
 
 /// Point-in-time values the agent supplies when rendering.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Gauges {
     /// Active mappings.
     pub mappings: usize,
@@ -89,124 +133,148 @@ pub struct Gauges {
     pub range_used: [usize; 3],
     /// Ports in the range.
     pub range_size: usize,
+    /// The range, as configured (`20000-29999`).
+    pub range: String,
     /// Whether the agent serves.
     pub ready: bool,
+    /// Kubernetes API calls retried so far.
+    pub api_retries: u64,
+}
+
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Metrics {
+            registry: Registry::default(),
+            mappings: Gauge::default(),
+            sandboxes: Gauge::default(),
+            range_ports: Family::default(),
+            range_used: Family::default(),
+            range_free: Family::default(),
+            ready: Gauge::default(),
+            requests: Family::default(),
+            duration: Family::new_with_constructor(histogram),
+            failures: Family::default(),
+            api_retries: Counter::default(),
+            repairs: Counter::default(),
+            checks: Family::default(),
+            backend: Family::default(),
+        };
+        let mut registry = Registry::default();
+        for (name, _, _, help) in METRICS {
+            // Counters are registered without `_total`: the encoder appends it.
+            let short = name.strip_suffix("_total").unwrap_or(name);
+            let (name, help) = (short.to_owned(), (*help).to_owned());
+            match short {
+                "randport_mappings" => registry.register(name, help, m.mappings.clone()),
+                "randport_sandboxes" => registry.register(name, help, m.sandboxes.clone()),
+                "randport_range_ports" => registry.register(name, help, m.range_ports.clone()),
+                "randport_range_ports_used" => registry.register(name, help, m.range_used.clone()),
+                "randport_range_ports_free" => registry.register(name, help, m.range_free.clone()),
+                "randport_ready" => registry.register(name, help, m.ready.clone()),
+                "randport_cni_requests" => registry.register(name, help, m.requests.clone()),
+                "randport_cni_duration_seconds" => {
+                    registry.register(name, help, m.duration.clone())
+                }
+                "randport_failures" => registry.register(name, help, m.failures.clone()),
+                "randport_api_retries" => registry.register(name, help, m.api_retries.clone()),
+                "randport_firewall_repairs" => registry.register(name, help, m.repairs.clone()),
+                "randport_firewall_checks" => registry.register(name, help, m.checks.clone()),
+                "randport_firewall_backend" => registry.register(name, help, m.backend.clone()),
+                other => unreachable!("metric {other} listed but not registered"),
+            }
+        }
+        Metrics { registry, ..m }
+    }
 }
 
 impl Metrics {
+    /// A successful request of `verb` (ADD, DEL).
+    pub fn count_request(&self, verb: &str) {
+        self.requests
+            .get_or_create(&labels(&[("verb", verb)]))
+            .inc();
+    }
+
+    /// How long a request of `verb` took in the agent.
+    pub fn observe(&self, verb: &str, elapsed: Duration) {
+        self.duration
+            .get_or_create(&labels(&[("verb", verb)]))
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// A failed request: why, and the CNI error code it was answered with.
+    pub fn fail(&self, reason: &str, code: u32) {
+        self.failures
+            .get_or_create(&labels(&[("reason", reason), ("code", &code.to_string())]))
+            .inc();
+    }
+
+    /// A watchdog check: `listed` our rules, or skipped (nothing changed).
+    pub fn count_check(&self, listed: bool) {
+        let result = if listed { "listed" } else { "skipped" };
+        self.checks
+            .get_or_create(&labels(&[("result", result)]))
+            .inc();
+    }
+
+    /// Watchdog checks so far: (listed, skipped).
+    pub fn checks(&self) -> (u64, u64) {
+        let get = |result: &str| {
+            self.checks
+                .get(&labels(&[("result", result)]))
+                .map_or(0, |c| c.get())
+        };
+        (get("listed"), get("skipped"))
+    }
+
+    /// Our rules were found flushed and re-applied.
+    pub fn count_repair(&self) {
+        self.repairs.inc();
+    }
+
     /// Records the backend in use (`fallback`: nftables was asked for, the kernel refused).
-    pub fn set_backend(&self, backend: &'static str, fallback: bool) {
-        *self.backend.lock().unwrap_or_else(|e| e.into_inner()) = Some((backend, fallback));
+    pub fn set_backend(&self, backend: &str, fallback: bool) {
+        self.backend.clear();
+        self.backend
+            .get_or_create(&labels(&[
+                ("backend", backend),
+                ("fallback", if fallback { "true" } else { "false" }),
+            ]))
+            .set(1);
     }
 
-    /// Counts a failure.
-    pub fn fail(&self, reason: &'static str) {
-        *self
-            .failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(reason)
-            .or_default() += 1;
-    }
-
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition, with `gauges` as the current values.
     pub fn render(&self, gauges: Gauges) -> String {
+        let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.mappings.set(as_i64(gauges.mappings));
+        self.sandboxes.set(as_i64(gauges.sandboxes));
+        self.ready.set(i64::from(gauges.ready));
+        let range = gauges.range.as_str();
+        self.range_ports
+            .get_or_create(&labels(&[("range", range)]))
+            .set(as_i64(gauges.range_size));
+        for (protocol, used) in ["TCP", "UDP", "SCTP"].iter().zip(gauges.range_used) {
+            let key = labels(&[("protocol", protocol), ("range", range)]);
+            self.range_used.get_or_create(&key).set(as_i64(used));
+            self.range_free
+                .get_or_create(&key)
+                .set(as_i64(gauges.range_size.saturating_sub(used)));
+        }
+        let seen = self.api_retries.get();
+        self.api_retries
+            .inc_by(gauges.api_retries.saturating_sub(seen));
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP randport_mappings Active host port mappings.\n# TYPE randport_mappings gauge"
-        );
-        let _ = writeln!(out, "randport_mappings {}", gauges.mappings);
-        let _ = writeln!(
-            out,
-            "# HELP randport_sandboxes Sandboxes with mappings.\n# TYPE randport_sandboxes gauge"
-        );
-        let _ = writeln!(out, "randport_sandboxes {}", gauges.sandboxes);
-        let _ = writeln!(
-            out,
-            "# HELP randport_range_ports_used Ports of the range in use.\n# TYPE randport_range_ports_used gauge"
-        );
-        for (proto, used) in ["TCP", "UDP", "SCTP"].iter().zip(gauges.range_used) {
-            let _ = writeln!(
-                out,
-                "randport_range_ports_used{{protocol=\"{proto}\"}} {used}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP randport_range_ports Ports in the range.\n# TYPE randport_range_ports gauge"
-        );
-        let _ = writeln!(out, "randport_range_ports {}", gauges.range_size);
-        let _ = writeln!(
-            out,
-            "# HELP randport_ready Whether the agent serves.\n# TYPE randport_ready gauge"
-        );
-        let _ = writeln!(out, "randport_ready {}", u8::from(gauges.ready));
-        let _ = writeln!(
-            out,
-            "# HELP randport_cni_requests_total CNI requests answered with success.\n# TYPE randport_cni_requests_total counter"
-        );
-        let _ = writeln!(
-            out,
-            "randport_cni_requests_total{{verb=\"ADD\"}} {}",
-            self.adds.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "randport_cni_requests_total{{verb=\"DEL\"}} {}",
-            self.dels.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP randport_failures_total Failed requests by reason.\n# TYPE randport_failures_total counter"
-        );
-        for (reason, count) in self
-            .failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "randport_failures_total{{reason=\"{reason}\"}} {count}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP randport_firewall_repairs_total Times our rules were found flushed and re-applied.\n# TYPE randport_firewall_repairs_total counter"
-        );
-        let _ = writeln!(
-            out,
-            "randport_firewall_repairs_total {}",
-            self.repairs.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP randport_firewall_checks_total Watchdog checks of our rules, by whether they listed the rules or were skipped (no rule of the node changed since the last good check).\n# TYPE randport_firewall_checks_total counter"
-        );
-        let _ = writeln!(
-            out,
-            "randport_firewall_checks_total{{result=\"listed\"}} {}\nrandport_firewall_checks_total{{result=\"skipped\"}} {}",
-            self.checks.load(Ordering::Relaxed),
-            self.checks_skipped.load(Ordering::Relaxed)
-        );
-        if let Some((backend, fallback)) = *self.backend.lock().unwrap_or_else(|e| e.into_inner()) {
-            let _ = writeln!(
-                out,
-                "# HELP randport_firewall_backend The firewall backend in use; fallback=\"true\" when nftables was asked for and the kernel refused its ruleset.\n# TYPE randport_firewall_backend gauge\nrandport_firewall_backend{{backend=\"{backend}\",fallback=\"{fallback}\"}} 1"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP randport_cni_duration_seconds CNI request latency in the agent.\n# TYPE randport_cni_duration_seconds histogram"
-        );
-        self.add_seconds
-            .render(&mut out, "randport_cni_duration_seconds", "verb=\"ADD\",");
-        self.del_seconds
-            .render(&mut out, "randport_cni_duration_seconds", "verb=\"DEL\",");
+        encode(&mut out, &self.registry).expect("writing to a String does not fail");
         out
     }
 }
+
+/// The HTTP Content-Type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[cfg(test)]
 mod tests {
@@ -215,34 +283,79 @@ mod tests {
     #[test]
     fn renders_counts_and_histograms() {
         let m = Metrics::default();
-        m.add_seconds.observe(Duration::from_millis(3));
-        m.add_seconds.observe(Duration::from_millis(30));
-        m.adds.fetch_add(2, Ordering::Relaxed);
-        m.fail("ports_exhausted");
+        m.observe("ADD", Duration::from_millis(3));
+        m.observe("ADD", Duration::from_millis(30));
+        m.count_request("ADD");
+        m.count_request("ADD");
+        m.fail("ports_exhausted", 101);
         m.set_backend("iptables-nft", true);
+        m.count_check(true);
+        m.count_check(false);
+        m.count_check(false);
         let text = m.render(Gauges {
             mappings: 4,
             sandboxes: 2,
             range_used: [3, 1, 0],
             range_size: 10000,
+            range: "20000-29999".into(),
             ready: true,
+            api_retries: 5,
         });
         for line in [
             "randport_mappings 4",
-            "randport_range_ports_used{protocol=\"TCP\"} 3",
+            "randport_range_ports_used{protocol=\"TCP\",range=\"20000-29999\"} 3",
+            "randport_range_ports_free{protocol=\"UDP\",range=\"20000-29999\"} 9999",
+            "randport_range_ports{range=\"20000-29999\"} 10000",
             "randport_ready 1",
             "randport_cni_requests_total{verb=\"ADD\"} 2",
-            "randport_failures_total{reason=\"ports_exhausted\"} 1",
+            "randport_failures_total{reason=\"ports_exhausted\",code=\"101\"} 1",
+            "randport_api_retries_total 5",
+            "randport_firewall_checks_total{result=\"listed\"} 1",
+            "randport_firewall_checks_total{result=\"skipped\"} 2",
             "randport_firewall_backend{backend=\"iptables-nft\",fallback=\"true\"} 1",
-            "randport_cni_duration_seconds_bucket{verb=\"ADD\",le=\"0.001\"} 0",
-            "randport_cni_duration_seconds_bucket{verb=\"ADD\",le=\"0.005\"} 1",
-            "randport_cni_duration_seconds_bucket{verb=\"ADD\",le=\"+Inf\"} 2",
+            "randport_cni_duration_seconds_bucket{le=\"0.001\",verb=\"ADD\"} 0",
+            "randport_cni_duration_seconds_bucket{le=\"0.005\",verb=\"ADD\"} 1",
+            "randport_cni_duration_seconds_bucket{le=\"+Inf\",verb=\"ADD\"} 2",
             "randport_cni_duration_seconds_count{verb=\"ADD\"} 2",
-            "randport_cni_duration_seconds_sum{verb=\"ADD\"} 0.033",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
                 "missing {line:?} in\n{text}"
+            );
+        }
+        assert_eq!(m.checks(), (1, 2));
+        // A counter fed from a total only grows.
+        let text = m.render(Gauges {
+            api_retries: 7,
+            ..Gauges::default()
+        });
+        assert!(text.contains("randport_api_retries_total 7\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn every_listed_metric_is_exposed_with_its_help() {
+        let m = Metrics::default();
+        m.count_request("ADD");
+        m.observe("ADD", Duration::from_millis(1));
+        m.fail("x", 1);
+        m.count_check(true);
+        m.set_backend("nftables", false);
+        let text = m.render(Gauges::default());
+        for (name, kind, _, help) in METRICS {
+            let family = name.strip_suffix("_total").unwrap_or(name);
+            assert!(
+                text.contains(&format!("# TYPE {family} {kind}\n")),
+                "{family} {kind} missing:\n{text}"
+            );
+            // The encoder ends every help text with a period.
+            assert!(
+                text.contains(&format!("# HELP {family} {help}.\n")),
+                "help of {family} missing:\n{text}"
+            );
+            assert!(
+                text.lines().any(|l| l.starts_with(name)),
+                "no sample of {name}:\n{text}"
             );
         }
     }

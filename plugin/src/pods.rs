@@ -90,6 +90,10 @@ pub trait PodSource: Send + Sync {
         let _ = limit;
         Ok(())
     }
+    /// API calls retried so far (after conflicts and transient errors).
+    fn api_retries(&self) -> u64 {
+        0
+    }
 }
 
 fn invalid(pod: &PodRef, reason: impl Into<String>) -> PodError {
@@ -436,6 +440,9 @@ impl<T: PodSource + ?Sized> PodSource for std::sync::Arc<T> {
     }
     fn health(&self, limit: std::time::Duration) -> Result<(), String> {
         (**self).health(limit)
+    }
+    fn api_retries(&self) -> u64 {
+        (**self).api_retries()
     }
 }
 

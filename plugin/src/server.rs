@@ -151,6 +151,11 @@ pub fn serve_http(agent: Arc<Agent>, listener: TcpListener, health: HealthCheck)
                 return;
             }
             let path = line.split_whitespace().nth(1).unwrap_or("/");
+            let content_type = if path == "/metrics" {
+                crate::metrics::CONTENT_TYPE
+            } else {
+                "text/plain; charset=utf-8"
+            };
             let (status, body) = match path {
                 "/metrics" => ("200 OK", agent.metrics.render(agent.gauges())),
                 "/healthz" => match health.run(&agent) {
@@ -167,7 +172,7 @@ pub fn serve_http(agent: Arc<Agent>, listener: TcpListener, health: HealthCheck)
             let mut stream = stream;
             let _ = write!(
                 stream,
-                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             );
         });

@@ -700,13 +700,7 @@ fn repair_reapplies_a_flushed_firewall() {
 #[test]
 fn the_watchdog_skips_checks_while_no_rule_and_no_record_changed() {
     let node = started("20000-20099");
-    let checks = |node: &Node| {
-        let m = &node.agent.metrics;
-        (
-            m.checks.load(std::sync::atomic::Ordering::Relaxed),
-            m.checks_skipped.load(std::sync::atomic::Ordering::Relaxed),
-        )
-    };
+    let checks = |node: &Node| node.agent.metrics.checks();
     // Without a generation every round lists the rules.
     assert!(!node.agent.repair().unwrap());
     assert!(!node.agent.repair().unwrap());
@@ -762,7 +756,7 @@ fn handle_counts_requests_and_failures() {
     for line in [
         "randport_cni_requests_total{verb=\"ADD\"} 1",
         "randport_cni_requests_total{verb=\"DEL\"} 1",
-        "randport_failures_total{reason=\"pod_lookup\"} 1",
+        "randport_failures_total{reason=\"pod_lookup\",code=\"11\"} 1",
         "randport_mappings 0",
     ] {
         assert!(text.contains(line), "{line} missing:\n{text}");

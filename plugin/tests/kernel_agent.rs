@@ -438,8 +438,14 @@ fn traffic_reaches_the_right_pod_and_stops_after_del(backend: &'static str) {
     assert_eq!(failed["pod"], "shop/pod-a");
     assert_eq!(failed["sandbox"], "sb-pod-b");
     assert_eq!(failed["level"], "WARN");
-    assert_eq!(failed["code"], 7, "a reused sandbox is a bad request: {failed}");
-    assert!(failed["error"].as_str().unwrap().contains("sb-pod-b"), "{failed}");
+    assert_eq!(
+        failed["code"], 7,
+        "a reused sandbox is a bad request: {failed}"
+    );
+    assert!(
+        failed["error"].as_str().unwrap().contains("sb-pod-b"),
+        "{failed}"
+    );
 }
 
 fn restart_keeps_connections_and_flushes_are_repaired(backend: &'static str) {
