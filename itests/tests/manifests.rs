@@ -151,11 +151,12 @@ fn the_rbac_is_exactly_what_the_agent_does() {
     assert_eq!(
         grants,
         [
-            "/events:create",
             "/pods:get",
             "/pods:list",
             "/pods:patch",
-            "/pods:watch"
+            "/pods:watch",
+            "events.k8s.io/events:create",
+            "events.k8s.io/events:patch"
         ]
     );
 }

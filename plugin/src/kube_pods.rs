@@ -16,8 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Event, Pod};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event as RecordedEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -84,6 +85,9 @@ impl KubeSettings {
 pub struct KubePodSource {
     settings: KubeSettings,
     client: Client,
+    /// Events to record, in order, by one task (so that a repeat finds the first in the
+    /// recorder's cache and counts, instead of racing it).
+    events: tokio::sync::mpsc::UnboundedSender<(PodRef, EventKind, String)>,
     handle: Handle,
     store: Store<Pod>,
     synced: Arc<AtomicBool>,
@@ -226,7 +230,14 @@ impl KubePodSource {
         let watch_down = Arc::new(std::sync::Mutex::new(None));
         let missed_while_down = Arc::new(AtomicBool::new(false));
         let (down, missed) = (Arc::clone(&watch_down), Arc::clone(&missed_while_down));
-        let (watch_client, watch_settings) = (client.clone(), settings.clone());
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "randportd".into(),
+                instance: Some(settings.node_name.clone()),
+            },
+        );
+        let (watch_client, watch_settings) = (recorder.clone(), settings.clone());
         let watch = handle.spawn(async move {
             stream
                 .for_each(|event| {
@@ -258,9 +269,22 @@ impl KubePodSource {
                 })
                 .await;
         });
+        let (events, mut queue) =
+            tokio::sync::mpsc::unbounded_channel::<(PodRef, EventKind, String)>();
+        {
+            let (recorder, settings) = (recorder.clone(), settings.clone());
+            handle.spawn(async move {
+                while let Some((pod, kind, message)) = queue.recv().await {
+                    let posted = post_event(&recorder, &settings, &pod, kind, &message).await;
+                    if let Err(e) = posted {
+                        tracing::warn!(error = %e, "recording an Event");
+                    }
+                }
+            });
+        }
         let unmapped = handle.spawn(warn_unmapped(
             store.clone(),
-            client.clone(),
+            recorder.clone(),
             settings.clone(),
         ));
         let ready = store.clone();
@@ -273,6 +297,7 @@ impl KubePodSource {
         KubePodSource {
             settings,
             client,
+            events,
             handle,
             store,
             synced,
@@ -322,13 +347,8 @@ impl KubePodSource {
     /// Records an Event on the pod in the background: the request's answer does not wait
     /// for the API server. A failure to record is logged.
     fn record(&self, pod: &PodRef, kind: EventKind, message: &str) {
-        let (client, settings) = (self.client.clone(), self.settings.clone());
-        let (pod, message) = (pod.clone(), message.to_owned());
-        self.handle.spawn(async move {
-            if let Err(e) = post_event(&client, &settings, &pod, kind, &message).await {
-                tracing::warn!(error = %e, "recording an Event");
-            }
-        });
+        // The queue lives as long as the runtime; a send fails only while shutting down.
+        let _ = self.events.send((pod.clone(), kind, message.to_owned()));
     }
 
     fn gone(pod: &PodRef, why: &str) -> PodError {
@@ -342,7 +362,7 @@ impl KubePodSource {
 /// A Warning Event, once per pod, on an annotated pod that uses the node's network: the
 /// runtime makes no CNI call for it, so it gets no mapping (the annotation is left as is).
 async fn warn_host_network(
-    client: &Client,
+    recorder: &Recorder,
     settings: &KubeSettings,
     pod: &Pod,
     warned: &std::sync::Mutex<std::collections::HashSet<String>>,
@@ -369,7 +389,7 @@ async fn warn_host_network(
     );
     tracing::warn!(pod = %pod_ref, "{message}");
     if let Err(e) = post_event(
-        client,
+        recorder,
         settings,
         &pod_ref,
         Warning(HOST_NETWORK_REASON),
@@ -393,7 +413,7 @@ use EventKind::{Normal, Warning};
 /// node that has been running for over `settings.unmapped_after` and still has no ports:
 /// something kept randport out of its network setup (the conflist was rewritten without
 /// it, another runtime handler, the plugin missing from the CNI bin directory).
-async fn warn_unmapped(store: Store<Pod>, client: Client, settings: KubeSettings) {
+async fn warn_unmapped(store: Store<Pod>, recorder: Recorder, settings: KubeSettings) {
     let mut warned = std::collections::HashSet::new();
     loop {
         tokio::time::sleep(settings.unmapped_check).await;
@@ -430,7 +450,7 @@ async fn warn_unmapped(store: Store<Pod>, client: Client, settings: KubeSettings
             );
             tracing::warn!(pod = %pod_ref, "{message}");
             if let Err(e) = post_event(
-                &client,
+                &recorder,
                 &settings,
                 &pod_ref,
                 Warning(UNMAPPED_REASON),
@@ -444,47 +464,38 @@ async fn warn_unmapped(store: Store<Pod>, client: Client, settings: KubeSettings
     }
 }
 
-/// Records an Event on the pod, retried like every call.
+/// Records an Event on the pod through kube's event recorder (events.k8s.io/v1): the same
+/// reason on the same pod within minutes becomes one Event whose series counts them, not
+/// one Event per kubelet retry. Retried like every call.
 async fn post_event(
-    client: &Client,
+    recorder: &Recorder,
     settings: &KubeSettings,
     pod: &PodRef,
     kind: EventKind,
     message: &str,
 ) -> Result<(), PodError> {
-    let (type_, reason) = match kind {
-        Normal(reason) => ("Normal", reason),
-        Warning(reason) => ("Warning", reason),
+    let (type_, reason, action) = match kind {
+        Normal(reason) => (EventType::Normal, reason, "MapPorts"),
+        Warning(reason) => (EventType::Warning, reason, "MapPorts"),
     };
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    let event = json!({
-        "metadata": {
-            "generateName": format!("{}.randport-", pod.name),
-            "namespace": pod.namespace,
-        },
-        "involvedObject": {
-            "apiVersion": "v1", "kind": "Pod",
-            "namespace": pod.namespace, "name": pod.name, "uid": pod.uid,
-        },
-        "reason": reason,
-        "message": message,
-        "type": type_,
-        "source": { "component": "randportd", "host": settings.node_name },
-        "reportingComponent": "randportd",
-        "reportingInstance": settings.node_name,
-        "firstTimestamp": now,
-        "lastTimestamp": now,
-        "count": 1,
-    });
-    let event: Event = serde_json::from_value(event).map_err(|e| PodError::Invalid {
-        pod: pod.clone(),
-        reason: format!("building an Event: {e}"),
-    })?;
-    let api: Api<Event> = Api::namespaced(client.clone(), &pod.namespace);
-    let params = PostParams::default();
-    retrying(settings, || api.create(&params, &event))
+    let event = RecordedEvent {
+        type_,
+        reason: reason.into(),
+        // At most 1 kB.
+        note: Some(message.chars().take(1000).collect()),
+        action: action.into(),
+        secondary: None,
+    };
+    let regarding = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        namespace: Some(pod.namespace.clone()),
+        name: Some(pod.name.clone()),
+        uid: (!pod.uid.is_empty()).then(|| pod.uid.clone()),
+        ..ObjectReference::default()
+    };
+    retrying(settings, || recorder.publish(&event, &regarding))
         .await
-        .map(|_| ())
         .map_err(|e| api_error(pod, "recording an Event", &e))
 }
 

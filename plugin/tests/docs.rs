@@ -31,6 +31,13 @@ fn the_metrics_reference_lists_exactly_what_the_agent_exposes() {
         "docs/metrics.md does not hold the current metrics table; paste this:\n\n{table}"
     );
     // No row for a metric that does not exist.
-    let rows = doc.lines().filter(|l| l.starts_with("| `randport_")).count();
-    assert_eq!(rows, METRICS.len(), "docs/metrics.md lists metrics the agent lacks");
+    let rows = doc
+        .lines()
+        .filter(|l| l.starts_with("| `randport_"))
+        .count();
+    assert_eq!(
+        rows,
+        METRICS.len(),
+        "docs/metrics.md lists metrics the agent lacks"
+    );
 }

@@ -137,7 +137,17 @@ fn serve(stream: TcpStream, api: Arc<Mutex<Api>>) {
                 let pod = pod.clone();
                 reply(&mut stream, 200, &pod);
             }
-            ("POST", ["api", "v1", "namespaces", "shop", "events"]) => {
+            (
+                "POST",
+                [
+                    "apis",
+                    "events.k8s.io",
+                    "v1",
+                    "namespaces",
+                    "shop",
+                    "events",
+                ],
+            ) => {
                 let event: Value = serde_json::from_slice(&body).unwrap();
                 api.events.push(event.clone());
                 reply(&mut stream, 201, &event);
@@ -335,13 +345,13 @@ fn the_agent_binary_maps_pods_from_the_api_and_writes_back_with_a_merge_patch() 
         let failed = events.iter().find(|e| e["reason"] == "PortMappingFailed");
         let mapped = events.iter().find(|e| e["reason"] == "PortsMapped");
         if let (Some(failed), Some(mapped)) = (failed, mapped) {
-            assert_eq!(failed["involvedObject"]["name"], "web-1");
+            assert_eq!(failed["regarding"]["name"], "web-1");
             assert_eq!(failed["type"], "Warning");
             // web-0's mapping is on record for `kubectl describe pod`.
-            assert_eq!(mapped["involvedObject"]["name"], "web-0");
+            assert_eq!(mapped["regarding"]["name"], "web-0");
             assert_eq!(mapped["type"], "Normal");
             assert!(
-                mapped["message"]
+                mapped["note"]
                     .as_str()
                     .unwrap()
                     .starts_with("randport mapped 8080/TCP -> host port 20"),

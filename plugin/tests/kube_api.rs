@@ -208,11 +208,34 @@ impl State {
                 self.event("MODIFIED", &pod);
                 respond(200, &pod)
             }
-            (&Method::POST, ["api", "v1", "namespaces", _, "events"]) => {
-                let mut event: Value = serde_json::from_slice(body).unwrap();
-                event["metadata"]["name"] = json!(format!("ev-{}", self.events.len()));
+            // kube's event recorder: events.k8s.io/v1, created, then patched per repeat.
+            (&Method::POST, ["apis", "events.k8s.io", "v1", "namespaces", _, "events"]) => {
+                let event: Value = serde_json::from_slice(body).unwrap();
                 self.events.push(event.clone());
                 respond(201, &event)
+            }
+            (
+                &Method::PATCH,
+                [
+                    "apis",
+                    "events.k8s.io",
+                    "v1",
+                    "namespaces",
+                    _,
+                    "events",
+                    name,
+                ],
+            ) => {
+                let patch: Value = serde_json::from_slice(body).unwrap();
+                let Some(event) = self
+                    .events
+                    .iter_mut()
+                    .find(|e| e["metadata"]["name"] == *name)
+                else {
+                    return respond(404, &status(404, "NotFound", "no such event"));
+                };
+                merge(event, &patch);
+                respond(200, &event.clone())
             }
             _ => respond(
                 404,
@@ -621,15 +644,19 @@ fn a_failed_writeback_records_an_event_and_undoes_the_add() {
     let event = mock.state().events[0].clone();
     assert_eq!(event["reason"], FAILURE_REASON);
     assert_eq!(event["type"], "Warning");
-    assert_eq!(event["involvedObject"]["kind"], "Pod");
-    assert_eq!(event["involvedObject"]["name"], "web-0");
-    assert_eq!(event["involvedObject"]["uid"], "uid-web-0");
-    let message = event["message"].as_str().unwrap();
+    assert_eq!(event["regarding"]["kind"], "Pod");
+    assert_eq!(event["regarding"]["name"], "web-0");
+    assert_eq!(event["regarding"]["uid"], "uid-web-0");
+    let message = event["note"].as_str().unwrap();
     assert!(
         message.contains("node-0") && message.contains("403"),
         "{message}"
     );
-    assert!(mock.requests("POST /api/v1/namespaces/shop/events").len() == 1);
+    assert!(
+        mock.requests("POST /apis/events.k8s.io/v1/namespaces/shop/events")
+            .len()
+            == 1
+    );
 
     // The next ADD (the kubelet retries) succeeds.
     node.agent
@@ -764,14 +791,14 @@ fn an_annotated_host_network_pod_gets_one_warning_and_keeps_its_annotation() {
     let events = mock.state().events.clone();
     let mut warned: Vec<&str> = events
         .iter()
-        .map(|e| e["involvedObject"]["name"].as_str().unwrap())
+        .map(|e| e["regarding"]["name"].as_str().unwrap())
         .collect();
     warned.sort();
     assert_eq!(warned, ["ingress-0", "ingress-1"], "{events:?}");
     for event in &events {
         assert_eq!(event["reason"], HOST_NETWORK_REASON);
         assert_eq!(event["type"], "Warning");
-        let message = event["message"].as_str().unwrap();
+        let message = event["note"].as_str().unwrap();
         assert!(
             message.contains("hostNetwork") && message.contains(NODE),
             "{message}"
@@ -849,10 +876,42 @@ fn an_annotated_pod_running_without_ports_gets_one_warning() {
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0]["reason"], UNMAPPED_REASON);
     assert_eq!(events[0]["type"], "Warning");
-    assert_eq!(events[0]["involvedObject"]["name"], "forgotten");
-    let message = events[0]["message"].as_str().unwrap();
+    assert_eq!(events[0]["regarding"]["name"], "forgotten");
+    let message = events[0]["note"].as_str().unwrap();
     assert!(
         message.contains("randport was never called") && message.contains(NODE),
         "{message}"
+    );
+}
+
+#[test]
+fn repeated_failures_of_a_pod_are_one_event_that_counts_them() {
+    let mock = Mock::start(vec![pod("web-0", NODE, json!({KEY: ""}))], |_| {}).synced();
+    let node = node(&mock, Arc::default());
+    node.agent.start().unwrap();
+    // The kubelet retries the sandbox three times; each write is refused.
+    mock.fail_next(Method::PATCH, WEB_0, 403, 3);
+    for _ in 0..3 {
+        let e = node.agent.add(&add_request("web-0", "sb0")).unwrap_err();
+        assert_eq!(e.code().0, 104, "{e}");
+    }
+    mock.wait_for("the third failure counted", |m| {
+        m.state()
+            .events
+            .first()
+            .is_some_and(|e| e["series"]["count"] == 3)
+    });
+    let events = mock.state().events.clone();
+    assert_eq!(events.len(), 1, "one Event, not one per retry: {events:?}");
+    assert_eq!(events[0]["reason"], FAILURE_REASON);
+    assert_eq!(
+        mock.requests("POST /apis/events.k8s.io/v1/namespaces/shop/events")
+            .len(),
+        1
+    );
+    assert_eq!(
+        mock.requests("PATCH /apis/events.k8s.io/v1/namespaces/shop/events/")
+            .len(),
+        2
     );
 }
