@@ -59,8 +59,8 @@ pub struct KubeSettings {
     pub unmapped_after: Duration,
     /// How often pods are looked at for that.
     pub unmapped_check: Duration,
-    /// Counts retried API calls (shared by every clone of these settings).
-    pub retried: Arc<std::sync::atomic::AtomicU64>,
+    /// Counts retried API calls, by kind (shared by every clone of these settings).
+    pub retried: Arc<Retried>,
 }
 
 impl KubeSettings {
@@ -168,9 +168,42 @@ fn not_found(e: &CallError) -> bool {
     matches!(e, CallError::Kube(kube::Error::Api(s)) if s.code == 404)
 }
 
+/// API calls retried after a conflict or a transient error, by what they did.
+#[derive(Debug, Default)]
+pub struct Retried {
+    /// Pod reads (GET).
+    pub reads: std::sync::atomic::AtomicU64,
+    /// Annotation writes (PATCH).
+    pub writes: std::sync::atomic::AtomicU64,
+    /// Event records.
+    pub events: std::sync::atomic::AtomicU64,
+}
+
+/// Which counter of [`Retried`] a call counts in.
+#[derive(Debug, Clone, Copy)]
+enum CallKind {
+    Read,
+    Write,
+    Event,
+}
+
+impl Retried {
+    fn counter(&self, kind: CallKind) -> &std::sync::atomic::AtomicU64 {
+        match kind {
+            CallKind::Read => &self.reads,
+            CallKind::Write => &self.writes,
+            CallKind::Event => &self.events,
+        }
+    }
+}
+
 /// Runs `call` until it succeeds, fails for good, or runs out of attempts, with a timeout
-/// on each attempt and a doubling pause between them.
-async fn retrying<T, F, Fut>(settings: &KubeSettings, mut call: F) -> Result<T, CallError>
+/// on each attempt and a doubling pause between them; retries count under `kind`.
+async fn retrying<T, F, Fut>(
+    settings: &KubeSettings,
+    kind: CallKind,
+    mut call: F,
+) -> Result<T, CallError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, kube::Error>>,
@@ -184,7 +217,10 @@ where
         };
         match result {
             Err(e) if attempt < settings.attempts && transient(&e) => {
-                settings.retried.fetch_add(1, Ordering::Relaxed);
+                settings
+                    .retried
+                    .counter(kind)
+                    .fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(delay).await;
                 delay *= 2;
                 attempt += 1;
@@ -320,12 +356,12 @@ impl KubePodSource {
     }
 
     /// Runs `call` until it succeeds, fails for good, or runs out of attempts.
-    fn call<T, F, Fut>(&self, call: F) -> Result<T, CallError>
+    fn call<T, F, Fut>(&self, kind: CallKind, call: F) -> Result<T, CallError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, kube::Error>>,
     {
-        self.handle.block_on(retrying(&self.settings, call))
+        self.handle.block_on(retrying(&self.settings, kind, call))
     }
 
     fn info(&self, pod: &Pod) -> Result<PodInfo, PodError> {
@@ -494,9 +530,11 @@ async fn post_event(
         uid: (!pod.uid.is_empty()).then(|| pod.uid.clone()),
         ..ObjectReference::default()
     };
-    retrying(settings, || recorder.publish(&event, &regarding))
-        .await
-        .map_err(|e| api_error(pod, "recording an Event", &e))
+    retrying(settings, CallKind::Event, || {
+        recorder.publish(&event, &regarding)
+    })
+    .await
+    .map_err(|e| api_error(pod, "recording an Event", &e))
 }
 
 impl Drop for KubePodSource {
@@ -520,7 +558,7 @@ impl PodSource for KubePodSource {
             self.missed_while_down.store(true, Ordering::SeqCst);
         }
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
-        match self.call(|| api.get_opt(&pod.name)) {
+        match self.call(CallKind::Read, || api.get_opt(&pod.name)) {
             Ok(Some(found)) if pod.uid.is_empty() || found.uid().as_deref() == Some(&pod.uid) => {
                 self.info(&found)
             }
@@ -547,7 +585,7 @@ impl PodSource for KubePodSource {
             ..PatchParams::default()
         };
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
-        match self.call(|| api.patch(&pod.name, &params, &patch)) {
+        match self.call(CallKind::Write, || api.patch(&pod.name, &params, &patch)) {
             Ok(_) => Ok(()),
             Err(e) if not_found(&e) => {
                 Err(Self::gone(pod, "deleted before its ports were written"))
@@ -609,8 +647,9 @@ impl PodSource for KubePodSource {
         }
     }
 
-    fn api_retries(&self) -> u64 {
-        self.settings.retried.load(Ordering::Relaxed)
+    fn api_retries(&self) -> [u64; 3] {
+        let r = &self.settings.retried;
+        [&r.reads, &r.writes, &r.events].map(|c| c.load(Ordering::Relaxed))
     }
 
     /// Records a Normal Event with the pod's mappings, in the background.

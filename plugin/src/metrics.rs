@@ -80,8 +80,8 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
     (
         "randport_api_retries_total",
         "counter",
-        "",
-        "Kubernetes API calls retried after a conflict or a transient error",
+        "call",
+        "Kubernetes API calls retried after a conflict or a transient error: read (a pod), write (its annotation), event",
     ),
     (
         "randport_firewall_repairs_total",
@@ -116,7 +116,7 @@ pub struct Metrics {
     requests: Family<Labels, Counter>,
     duration: Family<Labels, Histogram, fn() -> Histogram>,
     failures: Family<Labels, Counter>,
-    api_retries: Counter,
+    api_retries: Family<Labels, Counter>,
     repairs: Counter,
     checks: Family<Labels, Counter>,
     backend: Family<Labels, Gauge>,
@@ -137,8 +137,8 @@ pub struct Gauges {
     pub range: String,
     /// Whether the agent serves.
     pub ready: bool,
-    /// Kubernetes API calls retried so far.
-    pub api_retries: u64,
+    /// Kubernetes API calls retried so far: reads, writes, events.
+    pub api_retries: [u64; 3],
 }
 
 fn histogram() -> Histogram {
@@ -158,7 +158,7 @@ impl Default for Metrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(histogram),
             failures: Family::default(),
-            api_retries: Counter::default(),
+            api_retries: Family::default(),
             repairs: Counter::default(),
             checks: Family::default(),
             backend: Family::default(),
@@ -264,9 +264,10 @@ impl Metrics {
                 .get_or_create(&key)
                 .set(as_i64(gauges.range_size.saturating_sub(used)));
         }
-        let seen = self.api_retries.get();
-        self.api_retries
-            .inc_by(gauges.api_retries.saturating_sub(seen));
+        for (call, total) in ["read", "write", "event"].iter().zip(gauges.api_retries) {
+            let counter = self.api_retries.get_or_create(&labels(&[("call", call)]));
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String does not fail");
         out
@@ -299,7 +300,7 @@ mod tests {
             range_size: 10000,
             range: "20000-29999".into(),
             ready: true,
-            api_retries: 5,
+            api_retries: [0, 5, 1],
         });
         for line in [
             "randport_mappings 4",
@@ -309,7 +310,8 @@ mod tests {
             "randport_ready 1",
             "randport_cni_requests_total{verb=\"ADD\"} 2",
             "randport_failures_total{reason=\"ports_exhausted\",code=\"101\"} 1",
-            "randport_api_retries_total 5",
+            "randport_api_retries_total{call=\"write\"} 5",
+            "randport_api_retries_total{call=\"event\"} 1",
             "randport_firewall_checks_total{result=\"listed\"} 1",
             "randport_firewall_checks_total{result=\"skipped\"} 2",
             "randport_firewall_backend{backend=\"iptables-nft\",fallback=\"true\"} 1",
@@ -326,10 +328,13 @@ mod tests {
         assert_eq!(m.checks(), (1, 2));
         // A counter fed from a total only grows.
         let text = m.render(Gauges {
-            api_retries: 7,
+            api_retries: [0, 7, 1],
             ..Gauges::default()
         });
-        assert!(text.contains("randport_api_retries_total 7\n"), "{text}");
+        assert!(
+            text.contains("randport_api_retries_total{call=\"write\"} 7\n"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 

@@ -90,9 +90,10 @@ pub trait PodSource: Send + Sync {
         let _ = limit;
         Ok(())
     }
-    /// API calls retried so far (after conflicts and transient errors).
-    fn api_retries(&self) -> u64 {
-        0
+    /// API calls retried so far (after conflicts and transient errors): pod reads,
+    /// annotation writes, Event records.
+    fn api_retries(&self) -> [u64; 3] {
+        [0; 3]
     }
 }
 
@@ -441,7 +442,7 @@ impl<T: PodSource + ?Sized> PodSource for std::sync::Arc<T> {
     fn health(&self, limit: std::time::Duration) -> Result<(), String> {
         (**self).health(limit)
     }
-    fn api_retries(&self) -> u64 {
+    fn api_retries(&self) -> [u64; 3] {
         (**self).api_retries()
     }
 }

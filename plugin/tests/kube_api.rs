@@ -453,6 +453,8 @@ fn transient_errors_are_retried_and_forbidden_is_not() {
     mock.fail_next(Method::GET, WEB_0, 429, 1);
     mock.source.get(&pod_ref("web-0")).unwrap();
     assert_eq!(mock.requests(&format!("GET {WEB_0}")).len(), 4);
+    // Counted for randport_api_retries_total{call="read"}.
+    assert_eq!(mock.source.api_retries(), [3, 0, 0]);
 
     mock.fail_next(Method::GET, WEB_0, 403, 1);
     let e = mock.source.get(&pod_ref("web-0")).unwrap_err();
@@ -521,6 +523,12 @@ fn writeback_is_a_merge_patch_of_one_key_with_the_uid_retried_on_conflict() {
         .write_annotation(&pod_ref("web-0"), value)
         .unwrap();
     assert_eq!(mock.state().patches.len(), 1);
+    // The conflict's retry counts as a write.
+    assert!(
+        mock.source.api_retries()[1] >= 1,
+        "{:?}",
+        mock.source.api_retries()
+    );
 }
 
 #[test]
