@@ -16,6 +16,19 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked -p randport-plugin --bins \
     && cp target/release/randport target/release/randportd /usr/local/bin/
 
+# The release image (`--target release`, one per platform): the static binaries that
+# ci/release-build.sh put in dist/<arch>/, nothing compiled here.
+#   ci/release-build.sh && docker buildx build --platform linux/amd64,linux/arm64 --target release .
+FROM alpine:3.22 AS release
+ARG TARGETARCH
+RUN apk add --no-cache nftables iptables ip6tables \
+    && for t in iptables ip6tables; do for s in "" -save -restore; do \
+         ln -sf "$(command -v xtables-nft-multi)" "/usr/sbin/$t$s"; done; done
+COPY dist/${TARGETARCH}/randport dist/${TARGETARCH}/randportd /usr/local/bin/
+ENTRYPOINT []
+CMD ["randportd", "--help"]
+
+# The default target: built from source in the build stage above.
 FROM alpine:3.22
 # nft for the default backend; iptables for the other one and for removing its leftovers.
 # The nf_tables flavour of iptables, like the nodes' (kind, current distributions).

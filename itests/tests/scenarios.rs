@@ -228,6 +228,137 @@ fn agent_restarted_mid_run_keeps_mappings_and_connections() {
     assert_checks("checks", &checks::annotations_match_agents(&c));
 }
 
+/// A DaemonSet rolling update on one node: the old agent gets SIGTERM, a new binary (another
+/// file, as a new image brings) starts over the records the previous release wrote (format 1,
+/// without a version), and an outside client that connects to every mapping over and over,
+/// TCP and UDP, sees no refusal and no silence the whole time.
+#[test]
+fn a_rolling_update_to_a_new_binary_keeps_every_mapping_answering() {
+    if !root_or_skip("a_rolling_update_to_a_new_binary_keeps_every_mapping_answering") {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    let mut c = cluster(1, false, "nftables");
+    for j in 0..4 {
+        c.add_pod(PodSpec::echo("ru", &format!("u{j}"), 0)).unwrap();
+    }
+    let before = c.agent_records(0).unwrap();
+    // The records as randport 0.1.0 wrote them: no formatVersion.
+    let state = c.nodes[0].dir.join("state");
+    let record_files: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    assert_eq!(record_files.len(), 4);
+    for path in &record_files {
+        let mut doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        assert_eq!(doc["formatVersion"], 2, "{}", path.display());
+        doc.as_object_mut().unwrap().remove("formatVersion");
+        std::fs::write(path, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+    }
+    let mut targets = Vec::new();
+    for j in 0..4 {
+        let name = format!("u{j}");
+        for m in c.mappings(&name).unwrap() {
+            let addr = SocketAddr::new(IpAddr::V4(c.nodes[0].ip4), m.host_port);
+            targets.push((addr, m.protocol, name.clone()));
+        }
+    }
+    let next = c.nodes[0].dir.join("randportd-next");
+    std::fs::copy(&c.bins.agent, &next).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let client = c.client.path();
+    let traffic = {
+        let (stop, rounds, failures) = (stop.clone(), rounds.clone(), failures.clone());
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&client).unwrap();
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            while !stop.load(Ordering::SeqCst) {
+                for (addr, protocol, name) in &targets {
+                    let answer = match protocol {
+                        Protocol::Udp => udp_once(*addr),
+                        _ => tcp_once(*addr),
+                    };
+                    match answer {
+                        Ok(a) if a == *name => {}
+                        Ok(a) => failures.lock().unwrap().push(format!("{addr}: {a}")),
+                        Err(e) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{addr} {protocol}: {e}")),
+                    }
+                }
+                rounds.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let wait_rounds = |n: usize| {
+        let start = rounds.load(Ordering::SeqCst);
+        while rounds.load(Ordering::SeqCst) < start + n {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_rounds(3);
+    c.terminate_agent(0).unwrap();
+    // No agent on the node while the new pod is pulled and started.
+    wait_rounds(10);
+    c.bins.agent = next;
+    c.start_agent(0).unwrap();
+    wait_rounds(10);
+    stop.store(true, Ordering::SeqCst);
+    traffic.join().unwrap();
+
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed exchanges in {} rounds during the update: {:?}",
+        failures.len(),
+        rounds.load(Ordering::SeqCst),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(
+        c.agent_records(0).unwrap(),
+        before,
+        "the new agent kept every mapping"
+    );
+    for path in &record_files {
+        let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        assert_eq!(
+            doc["formatVersion"],
+            2,
+            "rewritten in the new format: {}",
+            path.display()
+        );
+    }
+    c.add_pod(PodSpec::echo("ru", "after", 0)).unwrap();
+    assert_eq!(reach_all(&c), 5 * 2);
+}
+
+fn tcp_once(addr: SocketAddr) -> std::io::Result<String> {
+    let stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    Ok(line.trim_end().to_owned())
+}
+
+fn udp_once(addr: SocketAddr) -> std::io::Result<String> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
+    socket.send_to(b"who are you?", addr)?;
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
 #[test]
 fn demo_command_passes_and_leaves_nothing_behind() {
     if !root_or_skip("demo_command_passes_and_leaves_nothing_behind") {

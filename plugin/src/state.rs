@@ -6,6 +6,15 @@
 //! SIGKILL), which the page cache guarantees, but not the node: a node that loses power
 //! loses every sandbox too, and the runtime adds them again. An fsync per ADD cost up to
 //! 40 ms under 100 concurrent ADDs here.
+//!
+//! Each record carries `formatVersion` ([`FORMAT_VERSION`]). Format 1, randport 0.1.0's,
+//! had no version field and the same fields otherwise; an agent that finds records of an
+//! older format reads them and rewrites them in the current one. A record of a newer format
+//! (after a downgrade) is read when its fields still decode, with a warning; otherwise it is
+//! an error that names both formats. Fields are only ever added, each with a default, so an
+//! older agent reads a newer record (serde ignores what it does not know): a rollback works.
+//! A change that cannot be read that way needs a new format number and a conversion here;
+//! the fixtures in plugin/tests/data/state/ fail the tests when the shape changes without one.
 
 use std::fs::{self, File};
 use std::io::Write as _;
@@ -13,6 +22,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use randport_core::{SandboxId, SandboxRecord};
+
+/// The format of the records this agent writes.
+pub const FORMAT_VERSION: u64 = 2;
+
+/// The name of the version field in a record file.
+const VERSION_FIELD: &str = "formatVersion";
 
 /// A record that could not be stored or read.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +45,20 @@ pub enum StateError {
     Corrupt {
         /// The file.
         path: PathBuf,
+        /// The decoder's error.
+        source: serde_json::Error,
+    },
+    /// A record of a newer format whose fields this agent cannot read.
+    #[error(
+        "state record {path} has format {found}, newer than this randportd reads \
+         ({FORMAT_VERSION}), and does not decode ({source}): run the newer randport again, \
+         or see docs/upgrade.md for downgrades"
+    )]
+    Newer {
+        /// The file.
+        path: PathBuf,
+        /// Its format.
+        found: u64,
         /// The decoder's error.
         source: serde_json::Error,
     },
@@ -108,10 +137,52 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+/// A record in the current format: `formatVersion` first, then the record's fields.
+pub fn encode_record(record: &SandboxRecord) -> serde_json::Result<Vec<u8>> {
+    let mut doc = serde_json::Map::new();
+    doc.insert(VERSION_FIELD.into(), FORMAT_VERSION.into());
+    match serde_json::to_value(record)? {
+        serde_json::Value::Object(fields) => doc.extend(fields),
+        _ => unreachable!("a SandboxRecord serializes to an object"),
+    }
+    let mut bytes = serde_json::to_vec_pretty(&doc)?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
+/// A record file of any format this agent reads, and the format it was in.
+pub fn decode_record(path: &Path, bytes: &[u8]) -> Result<(SandboxRecord, u64), StateError> {
+    let corrupt = |source| StateError::Corrupt {
+        path: path.to_owned(),
+        source,
+    };
+    let mut doc: serde_json::Value = serde_json::from_slice(bytes).map_err(corrupt)?;
+    let version = match doc.as_object_mut().map(|o| o.remove(VERSION_FIELD)) {
+        // Format 1 (randport 0.1.0) had no version field.
+        Some(None) => 1,
+        Some(Some(v)) => v.as_u64().ok_or_else(|| {
+            corrupt(serde::de::Error::custom(format!(
+                "{VERSION_FIELD} {v} is not a format number"
+            )))
+        })?,
+        None => return Err(corrupt(serde::de::Error::custom("not a JSON object"))),
+    };
+    // Formats 1 and 2 have the same fields; a later conversion goes here, by version.
+    match serde_json::from_value(doc) {
+        Ok(record) => Ok((record, version)),
+        Err(source) if version > FORMAT_VERSION => Err(StateError::Newer {
+            path: path.to_owned(),
+            found: version,
+            source,
+        }),
+        Err(source) => Err(corrupt(source)),
+    }
+}
+
 impl StateStore for DirStateStore {
     fn save(&self, record: &SandboxRecord) -> Result<(), StateError> {
         let path = self.path(&record.sandbox)?;
-        let bytes = serde_json::to_vec_pretty(record).map_err(|source| StateError::Corrupt {
+        let bytes = encode_record(record).map_err(|source| StateError::Corrupt {
             path: path.clone(),
             source,
         })?;
@@ -129,17 +200,31 @@ impl StateStore for DirStateStore {
 
     fn load_all(&self) -> Result<Vec<SandboxRecord>, StateError> {
         let mut records = Vec::new();
+        let mut upgraded = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(io(&self.dir))? {
             let path = entry.map_err(io(&self.dir))?.path();
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
             let bytes = fs::read(&path).map_err(io(&path))?;
-            let record = serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
-                path: path.clone(),
-                source,
-            })?;
+            let (record, version) = decode_record(&path, &bytes)?;
+            if version < FORMAT_VERSION {
+                upgraded.push(path.clone());
+                self.save(&record)?;
+            } else if version > FORMAT_VERSION {
+                tracing::warn!(
+                    path = %path.display(),
+                    "state record has format {version}, newer than this randportd's \
+                     ({FORMAT_VERSION}); read it as far as its fields are known (a downgrade?)"
+                );
+            }
             records.push(record);
+        }
+        if !upgraded.is_empty() {
+            tracing::info!(
+                "rewrote {} state record(s) of an older format in format {FORMAT_VERSION}",
+                upgraded.len()
+            );
         }
         records.sort_by(|a: &SandboxRecord, b| a.sandbox.cmp(&b.sandbox));
         Ok(records)

@@ -454,6 +454,24 @@ impl Cluster {
         }
     }
 
+    /// Stops node `i`'s agent with SIGTERM, as the kubelet does when a DaemonSet rolls, and
+    /// waits for it to exit (its mappings stay in the kernel).
+    pub fn terminate_agent(&mut self, i: usize) -> Result<()> {
+        if let Some(mut agent) = self.nodes[i].agent.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.id())?);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+            let status = agent.wait()?;
+            if !status.success() {
+                bail!(
+                    "randportd on {} exited {status} on SIGTERM:\n{}",
+                    self.nodes[i].name,
+                    tail(&self.nodes[i].log())
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Kills node `i`'s agent with SIGKILL (its mappings stay in the kernel).
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut agent) = self.nodes[i].agent.take() {
