@@ -936,7 +936,7 @@ async fn the_shipped_manifests_pass_a_server_side_dry_run() {
         );
         eprintln!(
             "note: this API server does not serve ValidatingAdmissionPolicy v1; the policy \
-             is skipped (what that leaves open: README, Deploying)"
+             is skipped (what that leaves open: docs/install.md)"
         );
     }
 }
@@ -1053,6 +1053,93 @@ async fn the_chart_passes_a_server_side_dry_run_for_every_preset() {
             "{preset}: the policy is rendered exactly where the API server serves it"
         );
     }
+}
+
+/// The `sh e2e` blocks of docs/*.md, run against the real cluster, with the docs' example
+/// namespace and pod (`shop`, `web-0`) replaced by a mapped pod of this test's. Commands
+/// find kubectl, helm and kubectl-randport on the PATH, as an operator's would.
+#[tokio::test]
+async fn the_commands_in_the_docs_run_against_the_cluster() {
+    let test = "the_commands_in_the_docs_run_against_the_cluster";
+    if !cluster_or_skip(test) {
+        return;
+    }
+    let Some(helm) = helm_or_skip(test) else {
+        return;
+    };
+    let (_client, ns, pods) = deploy("docs", 1).await;
+    let pod = &pods[0];
+    let repo = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let bin_dir = std::env::var("RANDPORT_E2E_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo.join("target/debug"));
+    let kubectl_bin =
+        PathBuf::from(std::env::var_os("RANDPORT_E2E_KUBECTL").unwrap_or_else(|| "kubectl".into()));
+    let mut path = vec![bin_dir, helm.parent().unwrap().to_owned()];
+    if let Some(dir) = kubectl_bin.parent().filter(|d| !d.as_os_str().is_empty()) {
+        path.push(dir.to_owned());
+    }
+    let path = format!(
+        "{}:{}",
+        path.iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":"),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut ran = 0;
+    let mut files: Vec<_> = std::fs::read_dir(repo.join("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let mut lines = text.lines();
+        while let Some(line) = lines.next() {
+            if line.trim() != "```sh e2e" {
+                continue;
+            }
+            let body: Vec<&str> = lines
+                .by_ref()
+                .take_while(|l| !l.starts_with("```"))
+                .collect();
+            let body = body
+                .join("\n")
+                .replace("-n shop", &format!("-n {}", ns.name))
+                .replace("web-0", &pod.name);
+            let out = Command::new("bash")
+                .args(["-euo", "pipefail", "-c", &body])
+                .current_dir(&repo)
+                .env("PATH", &path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: the block\n{body}\nfailed: {}{}",
+                file.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            if body.contains("portmapping") {
+                assert!(
+                    stdout.contains(&format!("\"podName\":\"{}\"", pod.name)),
+                    "{body}: {stdout}"
+                );
+            }
+            if body.contains("randport ports") {
+                let port = pod.entries[0].host_port.to_string();
+                assert!(
+                    stdout.contains(&port),
+                    "{body}: no host port {port} in {stdout}"
+                );
+            }
+            ran += 1;
+        }
+    }
+    assert!(ran >= 3, "only {ran} sh e2e blocks in docs/");
 }
 
 #[tokio::test]
