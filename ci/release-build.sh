@@ -50,6 +50,18 @@ for arch in $arches; do
     echo "    built in $((SECONDS - start)) s"
 done
 
+# The arm64 binaries run here under qemu-user when it is installed (apt: qemu-user-static).
+if [[ " $arches " == *" arm64 "* ]] && command -v qemu-aarch64-static >/dev/null; then
+    step "running the arm64 binaries under qemu-aarch64-static"
+    for b in randportd randport kubectl-randport; do
+        case $b in
+            randport) out=$(CNI_COMMAND=VERSION qemu-aarch64-static "dist/arm64/$b" </dev/null) ;;
+            *) out=$(qemu-aarch64-static "dist/arm64/$b" --version) ;;
+        esac
+        echo "    arm64 $b: $out"
+    done
+fi
+
 step "sizes (bytes; stripped, static)"
 for arch in $arches; do
     for b in "${bins[@]}"; do

@@ -246,7 +246,7 @@ fn a_rolling_update_to_a_new_binary_keeps_every_mapping_answering() {
         c.add_pod(PodSpec::echo("ru", &format!("u{j}"), 0)).unwrap();
     }
     let before = c.agent_records(0).unwrap();
-    // The records as randport 0.1.0 wrote them: no formatVersion.
+    // The records as randport wrote them before the format was versioned: no formatVersion.
     let state = c.nodes[0].dir.join("state");
     let record_files: Vec<_> = std::fs::read_dir(&state)
         .unwrap()

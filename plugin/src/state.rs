@@ -7,9 +7,10 @@
 //! loses every sandbox too, and the runtime adds them again. An fsync per ADD cost up to
 //! 40 ms under 100 concurrent ADDs here.
 //!
-//! Each record carries `formatVersion` ([`FORMAT_VERSION`]). Format 1, randport 0.1.0's,
-//! had no version field and the same fields otherwise; an agent that finds records of an
-//! older format reads them and rewrites them in the current one. A record of a newer format
+//! Each record carries `formatVersion` ([`FORMAT_VERSION`]). Format 1 (randport before the
+//! format was versioned: main up to e0c128a) had no version field and the same fields
+//! otherwise; an agent that finds records of an older format reads them and rewrites them
+//! in the current one. A record of a newer format
 //! (after a downgrade) is read when its fields still decode, with a warning; otherwise it is
 //! an error that names both formats. Fields are only ever added, each with a default, so an
 //! older agent reads a newer record (serde ignores what it does not know): a rollback works.
@@ -158,7 +159,7 @@ pub fn decode_record(path: &Path, bytes: &[u8]) -> Result<(SandboxRecord, u64), 
     };
     let mut doc: serde_json::Value = serde_json::from_slice(bytes).map_err(corrupt)?;
     let version = match doc.as_object_mut().map(|o| o.remove(VERSION_FIELD)) {
-        // Format 1 (randport 0.1.0) had no version field.
+        // Format 1 (before the format was versioned) had no version field.
         Some(None) => 1,
         Some(Some(v)) => v.as_u64().ok_or_else(|| {
             corrupt(serde::de::Error::custom(format!(
