@@ -147,3 +147,21 @@ impl TestNetns for Netns {
             .unwrap_or_else(|e| panic!("{e:#}"));
     }
 }
+
+/// The fenced code blocks of a markdown text, as (info string, body): how the tests find
+/// the commands in docs/ (`sh test` blocks run in plugin/tests/docs.rs, `sh e2e` blocks on
+/// a real cluster in tests/e2e.rs).
+pub fn fenced_blocks(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if let Some(info) = line.strip_prefix("```") {
+            let body: Vec<&str> = lines
+                .by_ref()
+                .take_while(|l| !l.starts_with("```"))
+                .collect();
+            out.push((info.trim().to_owned(), body.join("\n")));
+        }
+    }
+    out
+}

@@ -1096,17 +1096,11 @@ async fn the_commands_in_the_docs_run_against_the_cluster() {
     files.sort();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
-        let mut lines = text.lines();
-        while let Some(line) = lines.next() {
-            if line.trim() != "```sh e2e" {
+        for (info, body) in randport_itests::fenced_blocks(&text) {
+            if info != "sh e2e" {
                 continue;
             }
-            let body: Vec<&str> = lines
-                .by_ref()
-                .take_while(|l| !l.starts_with("```"))
-                .collect();
             let body = body
-                .join("\n")
                 .replace("-n shop", &format!("-n {}", ns.name))
                 .replace("web-0", &pod.name);
             let out = Command::new("bash")

@@ -272,21 +272,7 @@ fn troubleshooting_has_a_section_for_every_cni_error_code() {
     );
 }
 
-/// The fenced blocks of a markdown text: (info string, body).
-pub fn fenced_blocks(text: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut lines = text.lines();
-    while let Some(line) = lines.next() {
-        if let Some(info) = line.strip_prefix("```") {
-            let body: Vec<&str> = lines
-                .by_ref()
-                .take_while(|l| !l.starts_with("```"))
-                .collect();
-            out.push((info.trim().to_owned(), body.join("\n")));
-        }
-    }
-    out
-}
+use randport_itests::fenced_blocks;
 
 fn helm_dir() -> Option<PathBuf> {
     let helm = std::env::var_os("HELM")
