@@ -260,7 +260,8 @@ EOF
 
     step "importing the images"
     local image
-    for image in "$LC_ASSETS/images/pause.tar" "$LC_ASSETS/images/busybox.tar" "$LC_DIR/echo-image.tar"; do
+    for image in "$LC_ASSETS/images/pause.tar" "$LC_ASSETS/images/busybox.tar" "$LC_DIR/echo-image.tar" \
+        "$LC_DIR/randport-image.tar"; do
         ctr --address "$LC_DIR/containerd/containerd.sock" -n k8s.io images import \
             --no-unpack=false "$image" >/dev/null
     done
@@ -307,19 +308,20 @@ EOF
         kubectl_admin wait --for=condition=Ready "node/$LC_NODE_NAME" --timeout=2s
 }
 
-# The workload image: a static echo server (itests/workload/echo.rs) in an OCI archive.
-build_echo_image() {
-    local work="$LC_DIR/echo-image"
-    mkdir -p "$work/rootfs" "$work/oci/blobs/sha256"
-    rustc --edition 2021 -O -C target-feature=+crt-static -C strip=symbols \
-        -o "$work/rootfs/echo" itests/workload/echo.rs
-    tar --owner=0 --group=0 --numeric-owner -cf "$work/layer.tar" -C "$work/rootfs" echo
+# Packs directory $1 (a root filesystem) as a one-layer OCI image archive $4 named $2
+# (local.test/NAME:TAG), with entrypoint JSON $3.
+pack_oci_image() {
+    local rootfs="$1" name="$2" entrypoint="$3" out="$4"
+    local work
+    work=$(mktemp -d "$LC_DIR/oci.XXXXXX")
+    mkdir -p "$work/oci/blobs/sha256"
+    tar --owner=0 --group=0 --numeric-owner -cf "$work/layer.tar" -C "$rootfs" .
     local layer layer_size config config_size manifest manifest_size
     layer=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
     layer_size=$(stat -c %s "$work/layer.tar")
     mv "$work/layer.tar" "$work/oci/blobs/sha256/$layer"
-    printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/echo"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
-        "$layer" >"$work/config.json"
+    printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":%s},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
+        "$entrypoint" "$layer" >"$work/config.json"
     config=$(sha256sum "$work/config.json" | cut -d' ' -f1)
     config_size=$(stat -c %s "$work/config.json")
     mv "$work/config.json" "$work/oci/blobs/sha256/$config"
@@ -329,16 +331,56 @@ build_echo_image() {
     manifest_size=$(stat -c %s "$work/manifest.json")
     mv "$work/manifest.json" "$work/oci/blobs/sha256/$manifest"
     printf '{"imageLayoutVersion":"1.0.0"}' >"$work/oci/oci-layout"
-    printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"io.containerd.image.name":"local.test/randport-echo:1","org.opencontainers.image.ref.name":"1"},"platform":{"architecture":"amd64","os":"linux"}}]}' \
-        "$manifest" "$manifest_size" >"$work/oci/index.json"
-    tar -cf "$LC_DIR/echo-image.tar" -C "$work/oci" .
+    printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"%s"},"platform":{"architecture":"amd64","os":"linux"}}]}' \
+        "$manifest" "$manifest_size" "$name" "${name##*:}" >"$work/oci/index.json"
+    tar -cf "$out" -C "$work/oci" .
+    rm -rf "$work"
+}
+
+# The workload image: a static echo server (itests/workload/echo.rs) in an OCI archive.
+build_echo_image() {
+    local rootfs="$LC_DIR/echo-image"
+    mkdir -p "$rootfs"
+    rustc --edition 2021 -O -C target-feature=+crt-static -C strip=symbols \
+        -o "$rootfs/echo" itests/workload/echo.rs
+    pack_oci_image "$rootfs" local.test/randport-echo:1 '["/echo"]' "$LC_DIR/echo-image.tar"
+}
+
+# randport's own image, as the Dockerfile's but from this machine's files (no registry
+# here): the workspace's randportd and randport (stripped), nft and iptables (the nf_tables
+# flavour, as in the Dockerfile), and the shared libraries they load. The chart's DaemonSet
+# pods run it (itests/tests/e2e.rs, the chart-on-the-node test).
+LC_RANDPORT_IMAGE=local.test/randport:dev
+build_randport_image() {
+    local rootfs="$LC_DIR/randport-image"
+    mkdir -p "$rootfs/usr/local/bin" "$rootfs/usr/sbin" "$rootfs/tmp" "$rootfs/run" "$rootfs/etc"
+    strip -o "$rootfs/usr/local/bin/randportd" target/debug/randportd
+    strip -o "$rootfs/usr/local/bin/randport" target/debug/randport
+    cp /usr/sbin/nft /usr/sbin/xtables-nft-multi "$rootfs/usr/sbin/"
+    local t s
+    for t in iptables ip6tables; do
+        for s in "" -save -restore; do ln -sf xtables-nft-multi "$rootfs/usr/sbin/$t$s"; done
+    done
+    local xt=/usr/lib/x86_64-linux-gnu/xtables
+    mkdir -p "$rootfs$xt"
+    cp -a "$xt/." "$rootfs$xt/"
+    local lib
+    # ldd's "NAME => /path (addr)" lines, and the loader's "/lib64/ld-linux... (addr)".
+    for lib in $(ldd "$rootfs/usr/local/bin/randportd" "$rootfs/usr/sbin/nft" \
+        "$rootfs/usr/sbin/xtables-nft-multi" "$rootfs$xt"/*.so 2>/dev/null \
+        | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/.*ld-linux/ {print $1}' | sort -u); do
+        mkdir -p "$rootfs$(dirname "$lib")"
+        cp -L "$lib" "$rootfs$lib"
+    done
+    chmod 1777 "$rootfs/tmp"
+    pack_oci_image "$rootfs" "$LC_RANDPORT_IMAGE" '[]' "$LC_DIR/randport-image.tar"
+    rm -rf "$rootfs"
 }
 
 # randport as an operator installs it: the manifests' RBAC applied, `randportd install`
 # into the node's conflist, and the agent with the ServiceAccount's token and the
 # DaemonSet's capabilities (read from deploy/randport.yaml).
 install_randport() {
-    local conf="$LC_DIR/cni/net.d" bin="$LC_DIR/cni/bin"
     # The DaemonSet in it gets no pods here (no controller manager, no image registry):
     # the agent below is what it would run.
     kubectl_admin apply -f deploy/randport.yaml >/dev/null
@@ -356,12 +398,19 @@ install_randport() {
     local token
     token=$(kubectl_admin -n kube-system create token randport --duration=48h)
     write_kubeconfig agent "$token"
+    agent_install
+    agent_start
+}
+
+# `randportd install` on the node for the agent below (what the DaemonSet's init container
+# does); again after a test has run the chart's own pods and uninstalled them.
+agent_install() {
+    local conf="$LC_DIR/cni/net.d" bin="$LC_DIR/cni/bin"
     in_node target/debug/randportd install --binary target/debug/randport \
         --cni-bin-dir "$bin" --cni-conf-dir "$conf" --socket "$LC_DIR/randport/randportd.sock" \
         --state-dir "$LC_DIR/randport/state"
     grep -q '"type": "randport"' "$conf/10-bridge.conflist" \
         || { echo "randport is not in $conf/10-bridge.conflist after install" >&2; return 1; }
-    agent_start
 }
 
 # The agent, with exactly the DaemonSet's capabilities as its bounding set.
@@ -422,9 +471,10 @@ load_cluster_env "$LC_DIR"
 case "\${1:-}" in
     stop) agent_stop ;;
     start) agent_start ;;
+    install) agent_install ;;
     list) in_node target/debug/randportd list --json --socket "\$LC_DIR/randport/randportd.sock" ;;
     table) in_node nft list table inet randport ;;
-    *) echo "usage: \$0 stop|start|list|table" >&2; exit 2 ;;
+    *) echo "usage: \$0 stop|start|install|list|table" >&2; exit 2 ;;
 esac
 EOF
     chmod +x "$LC_DIR/agent"
@@ -444,8 +494,9 @@ cluster_up() {
     write_kubeconfig admin admin
     write_kubeconfig node node
     start_control_plane
-    step "building the workload image (itests/workload/echo.rs)"
+    step "building the images: the workload (itests/workload/echo.rs) and randport's"
     build_echo_image
+    build_randport_image
     step "containerd and the kubelet for node $LC_NODE_NAME"
     start_node
     step "installing randport (deploy/randport.yaml RBAC, randportd install, the agent)"

@@ -44,6 +44,9 @@ const PORT: u16 = 9376;
 const AGENT_NS: &str = "kube-system";
 const AGENT_LABEL: &str = "app.kubernetes.io/name=randport";
 const TIMEOUT: Duration = Duration::from_secs(180);
+/// The local node's name and address (ci/local-cluster.sh).
+const LOCAL_NODE: &str = "rp-node";
+const LOCAL_NODE_IP: &str = "203.0.113.1";
 
 fn cluster_or_skip(test: &str) -> bool {
     if std::env::var_os("KUBECONFIG").is_some() {
@@ -1583,4 +1586,351 @@ async fn kubectl_randport_prints_the_address_that_reaches_each_pod() {
         .unwrap();
     let on_node = pods.iter().filter(|p| p.node == pods[0].node).count() as u64;
     assert!(here["tcp"].as_u64().unwrap() >= on_node, "{nodes}");
+}
+
+// ---- the chart's own pods on the real node ----
+
+/// Puts the hand-run agent back when the chart test ends, also when it fails: the chart's
+/// pods and release go, our entry goes back into the conflist, the agent starts.
+struct LiveRestore {
+    dir: PathBuf,
+    helm: PathBuf,
+}
+
+impl Drop for LiveRestore {
+    fn drop(&mut self) {
+        let _ = kubectl()
+            .args(["-n", AGENT_NS, "delete", "pod", "-l", "randport-e2e/live=1"])
+            .args(["--grace-period=1", "--wait=true", "--timeout=60s"])
+            .output();
+        let _ = Command::new(&self.helm)
+            .args([
+                "uninstall",
+                "randport-live",
+                "-n",
+                AGENT_NS,
+                "--ignore-not-found",
+            ])
+            .output();
+        let _ = Command::new(self.dir.join("agent")).arg("install").output();
+        let _ = Command::new(self.dir.join("agent")).arg("start").output();
+    }
+}
+
+/// What the DaemonSet controller does (this node runs without a controller manager): a pod
+/// of DaemonSet `ds`'s current template, bound to the node; and what the ServiceAccount
+/// admission plugin does (off here for the same reason): the service-account token volume.
+fn daemonset_pod(ds: &str, name: &str, node: &str) -> Pod {
+    let ds: Value = serde_json::from_str(&kubectl_ok(&[
+        "-n",
+        AGENT_NS,
+        "get",
+        "daemonset",
+        ds,
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let template = &ds["spec"]["template"];
+    let mut spec = template["spec"].clone();
+    spec["nodeName"] = json!(node);
+    if spec["automountServiceAccountToken"] != json!(false) {
+        let token_mount = json!({"name": "sa-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true});
+        for list in ["initContainers", "containers"] {
+            if let Some(containers) = spec[list].as_array_mut() {
+                for c in containers {
+                    c["volumeMounts"]
+                        .as_array_mut()
+                        .unwrap()
+                        .push(token_mount.clone());
+                }
+            }
+        }
+        spec["volumes"].as_array_mut().unwrap().push(json!({"name": "sa-token", "projected": {"sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}}
+        ]}}));
+    }
+    let mut labels = template["metadata"]["labels"].clone();
+    labels["randport-e2e/live"] = json!("1");
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": AGENT_NS, "labels": labels},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+/// Creates `pod` and waits until it is Ready; on a timeout, says what the kubelet saw.
+async fn run_until_ready(pods: &Api<Pod>, pod: Pod) {
+    let name = pod.metadata.name.clone().unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let p = pods.get(&name).await.unwrap();
+        let ready = p
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        if ready {
+            return;
+        }
+        if Instant::now() > deadline {
+            let describe = kubectl()
+                .args(["-n", AGENT_NS, "describe", "pod", &name])
+                .output()
+                .unwrap();
+            let logs = kubectl()
+                .args([
+                    "-n",
+                    AGENT_NS,
+                    "logs",
+                    &name,
+                    "--all-containers",
+                    "--tail=30",
+                ])
+                .output()
+                .unwrap();
+            panic!(
+                "pod {name} not Ready after 90 s:\n{}\n{}{}",
+                String::from_utf8_lossy(&describe.stdout),
+                String::from_utf8_lossy(&logs.stdout),
+                String::from_utf8_lossy(&logs.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn our_entry(conf_dir: &std::path::Path) -> Option<Value> {
+    let text = std::fs::read_to_string(conf_dir.join("10-bridge.conflist")).unwrap();
+    let conf: Value = serde_json::from_str(&text).unwrap();
+    conf["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["type"] == "randport")
+        .cloned()
+}
+
+/// The chart as an operator installs it, its pods run by the real kubelet and containerd
+/// from an image of this build (`local.test/randport:dev`, ci/local-cluster.sh): the
+/// install init container puts the entry into the node's conflist, the agent (with the
+/// chart's capabilities, env and host paths, probed on /readyz) maps pods that answer
+/// from outside; `helm upgrade` with the pod replaced as a DaemonSet rolls it keeps a
+/// mapping answering throughout; the chart's uninstall mode cleans the node, and
+/// `helm uninstall` removes the rest. Only on the local node (the kind job installs the
+/// chart with a real DaemonSet controller).
+#[tokio::test]
+async fn the_chart_runs_on_the_node_maps_pods_rolls_and_uninstalls() {
+    let test = "the_chart_runs_on_the_node_maps_pods_rolls_and_uninstalls";
+    if !cluster_or_skip(test) {
+        return;
+    }
+    let Some(dir) = local_cluster() else {
+        eprintln!("{test}: only on the local node; the kind job installs the chart itself");
+        return;
+    };
+    let Some(helm) = helm_or_skip(test) else {
+        return;
+    };
+    let client = Client::try_default().await.unwrap();
+    let agents: Api<Pod> = Api::namespaced(client.clone(), AGENT_NS);
+    let node = LOCAL_NODE;
+    let (conf_dir, bin_dir) = (dir.join("cni/net.d"), dir.join("cni/bin"));
+    let live = dir.join("live");
+    let socket_dir = live.join("run");
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
+    local_agent(&dir, "stop");
+    let _restore = LiveRestore {
+        dir: dir.clone(),
+        helm: helm.clone(),
+    };
+    // The CA the kubelet puts into the token volume (the controller manager publishes it).
+    let ca = std::fs::read_to_string(dir.join("pki/ca.crt")).unwrap();
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), AGENT_NS);
+    if maps.get_opt("kube-root-ca.crt").await.unwrap().is_none() {
+        let cm = serde_json::from_value(
+            json!({"metadata": {"name": "kube-root-ca.crt"}, "data": {"ca.crt": ca}}),
+        )
+        .unwrap();
+        maps.create(&PostParams::default(), &cm).await.unwrap();
+    }
+    let values = live.join("values.yaml");
+    std::fs::create_dir_all(&live).unwrap();
+    std::fs::write(
+        &values,
+        format!(
+            "nameOverride: randport-live\n\
+             image: {{repository: local.test/randport, tag: dev, pullPolicy: Never}}\n\
+             cni: {{binDir: {}, confDir: {}}}\n\
+             socketDir: {}\nstateDir: {}\nxtablesLock: {}\n\
+             # No kube-proxy on this node: the API server's own address.\n\
+             extraEnv:\n  - {{name: KUBERNETES_SERVICE_HOST, value: \"{LOCAL_NODE_IP}\"}}\n  - {{name: KUBERNETES_SERVICE_PORT, value: \"6443\"}}\n",
+            bin_dir.display(),
+            conf_dir.display(),
+            socket_dir.display(),
+            live.join("state").display(),
+            live.join("xtables.lock").display()
+        ),
+    )
+    .unwrap();
+    let chart = format!("{repo}/charts/randport");
+    let helm_ok = |args: &[&str]| {
+        let out = Command::new(&helm).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "helm {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let values_arg = values.to_str().unwrap();
+    helm_ok(&[
+        "install",
+        "randport-live",
+        &chart,
+        "-n",
+        AGENT_NS,
+        "-f",
+        values_arg,
+    ]);
+
+    // The agent pod: its init container installs the entry, the agent becomes Ready.
+    run_until_ready(
+        &agents,
+        daemonset_pod("randport-live", "randport-live-a", node),
+    )
+    .await;
+    let entry = our_entry(&conf_dir).expect("the install init container added our entry");
+    assert_eq!(
+        entry["socket"],
+        socket_dir.join("randportd.sock").display().to_string(),
+        "the entry names the chart's socket: {entry}"
+    );
+    assert!(bin_dir.join("randport").exists());
+
+    let (_client, ns, pods) = deploy("live", 2).await;
+    for pod in &pods {
+        check_entries(pod);
+        check_answers(pod, "mapped by the chart's agent pod").await;
+    }
+
+    // A rolling update: new template, the old pod goes (SIGTERM), the new one comes up,
+    // while a client connects to a mapping over and over.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let target = pods[0].addr();
+    let expect = pods[0].name.clone();
+    let traffic = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut tries, mut failures) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                tries += 1;
+                match http_get(target) {
+                    Ok(name) if name == expect => {}
+                    other => failures.push(format!("{other:?}")),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (tries, failures)
+        })
+    };
+    helm_ok(&[
+        "upgrade",
+        "randport-live",
+        &chart,
+        "-n",
+        AGENT_NS,
+        "-f",
+        values_arg,
+        "--set",
+        "logFormat=json",
+    ]);
+    agents
+        .delete("randport-live-a", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_gone(&agents, "randport-live-a").await;
+    run_until_ready(
+        &agents,
+        daemonset_pod("randport-live", "randport-live-b", node),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (tries, failures) = traffic.join().unwrap();
+    eprintln!("{tries} connections to a mapping during the rolling update");
+    assert!(tries > 10, "only {tries} connections during the update");
+    assert!(
+        failures.is_empty(),
+        "{} of {tries} connections failed during the update: {failures:?}",
+        failures.len()
+    );
+    let new = agents.get("randport-live-b").await.unwrap();
+    let env = serde_json::to_string(&new.spec.unwrap().containers[0].env).unwrap();
+    assert!(
+        env.contains("\"json\""),
+        "the new pod runs the new template: {env}"
+    );
+    for pod in &pods {
+        check_answers(pod, "after the rolling update").await;
+    }
+
+    // Off the node: the pods go first (their DEL through the agent), then the chart's
+    // uninstall mode, whose init container cleans the node, then the release.
+    drop(ns);
+    let web: Api<Pod> = Api::namespaced(client.clone(), &pods[0].namespace);
+    for pod in &pods {
+        wait_gone(&web, &pod.name).await;
+    }
+    helm_ok(&[
+        "upgrade",
+        "randport-live",
+        &chart,
+        "-n",
+        AGENT_NS,
+        "-f",
+        values_arg,
+        "--set",
+        "uninstall.enabled=true",
+    ]);
+    agents
+        .delete("randport-live-b", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_gone(&agents, "randport-live-b").await;
+    run_until_ready(
+        &agents,
+        daemonset_pod("randport-live-uninstall", "randport-live-uninstall-a", node),
+    )
+    .await;
+    assert_eq!(
+        our_entry(&conf_dir),
+        None,
+        "the uninstall pod took our entry out"
+    );
+    assert!(!bin_dir.join("randport").exists(), "and the plugin binary");
+    let records = std::fs::read_dir(live.join("state"))
+        .map(|d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "json")
+            })
+            .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(records, 0, "and the records");
+    agents
+        .delete("randport-live-uninstall-a", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_gone(&agents, "randport-live-uninstall-a").await;
+    helm_ok(&["uninstall", "randport-live", "-n", AGENT_NS]);
 }

@@ -370,6 +370,29 @@ pub fn install_binary(binary: &Path, bin_dir: &Path) -> Result<bool, InstallErro
     Ok(true)
 }
 
+/// Removes the agent's state directory and everything in it; returns whether it was there.
+/// A directory that is a mount point (the uninstall DaemonSet mounts it from the node, so
+/// removing it fails with EBUSY) is emptied and left in place.
+pub fn remove_state_dir(dir: &Path) -> io::Result<bool> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        if fs::symlink_metadata(&path)?.is_dir() {
+            fs::remove_dir_all(&path)?;
+        } else {
+            fs::remove_file(&path)?;
+        }
+    }
+    match fs::remove_dir(dir) {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => Ok(true),
+        other => other.map(|()| true),
+    }
+}
+
 /// Removes `bin_dir/randport`; returns whether it was there.
 pub fn remove_binary(bin_dir: &Path) -> Result<bool, InstallError> {
     let target = bin_dir.join(PLUGIN_TYPE);
@@ -382,6 +405,17 @@ pub fn remove_binary(bin_dir: &Path) -> Result<bool, InstallError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_state_dir_goes_with_everything_in_it() {
+        let dir = std::env::temp_dir().join(format!("randport-rmstate-{}", std::process::id()));
+        fs::create_dir_all(dir.join("sub")).unwrap();
+        fs::write(dir.join("a.json"), "{}").unwrap();
+        fs::write(dir.join("sub/b"), "x").unwrap();
+        assert!(super::remove_state_dir(&dir).unwrap());
+        assert!(!dir.exists());
+        assert!(!super::remove_state_dir(&dir).unwrap(), "gone already");
+    }
+
     use super::*;
 
     /// kindnet's conflist as kind writes it (whitespace and all).

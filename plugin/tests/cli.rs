@@ -97,6 +97,8 @@ fn bad_flags_get_clear_errors() {
         "dir:/nonexistent",
         "--node-name",
         "n",
+        "--state-dir",
+        "/nonexistent/randport-cli-test",
     ]);
     assert!(
         !ok && text.contains("--localhost-access needs --firewall nftables"),

@@ -268,3 +268,42 @@ fn install_keep_and_uninstall_on_a_node() {
     let again = node.randportd(&["uninstall"], &node.dirs());
     assert!(again.status.success(), "{}", text(&again));
 }
+
+/// The uninstall DaemonSet mounts the state directory from the node: uninstall empties it
+/// and leaves the mount point (removing it fails with EBUSY; found on the real node).
+#[test]
+fn uninstall_empties_a_state_directory_that_is_a_mount_point() {
+    if !root_and_tools_or_skip(
+        "uninstall_empties_a_state_directory_that_is_a_mount_point",
+        &["nft", "ip", "mount"],
+    ) {
+        return;
+    }
+    let node = Node::new();
+    let state = node.dir.join("state");
+    std::fs::write(state.join("0a1b2c.json"), "{}").unwrap();
+    std::fs::create_dir_all(state.join("sub")).unwrap();
+    std::fs::write(state.join("sub/x"), "x").unwrap();
+    let mount = |args: &[&str]| {
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    };
+    let path = state.display().to_string();
+    mount(&["mount", "--bind", &path, &path]);
+    struct Umount(String);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _umount = Umount(path.clone());
+
+    let out = node.randportd(&["uninstall"], &node.dirs());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(state.is_dir(), "the mount point stays");
+    assert_eq!(
+        std::fs::read_dir(&state).unwrap().count(),
+        0,
+        "and is empty"
+    );
+}

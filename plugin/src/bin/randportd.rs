@@ -253,9 +253,9 @@ fn uninstall_from_node(
             eprintln!("randportd: warning: undoing route_localnet=1 of --localhost-access: {e}")
         }
     }
-    match std::fs::remove_dir_all(state_dir) {
-        Ok(()) => println!("removed {}", state_dir.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+    match install::remove_state_dir(state_dir) {
+        Ok(true) => println!("removed {} and the records in it", state_dir.display()),
+        Ok(false) => {}
         Err(e) => bail!("removing {}: {e}", state_dir.display()),
     }
     Ok(())
@@ -345,6 +345,12 @@ fn init_logs(format: LogFormat) {
 fn run_agent(cli: Cli) -> Result<()> {
     init_logs(cli.log_format);
     exit_on_termination()?;
+    // Flags that do not go together are refused before anything on the node is touched.
+    if cli.localhost_access && cli.firewall != Backend::Nftables {
+        bail!(
+            "--localhost-access needs --firewall nftables (its guard against CVE-2020-8558 is an nft chain)"
+        );
+    }
     let node_name = match cli.node_name {
         Some(name) => name,
         None => nix::unistd::gethostname()
@@ -390,11 +396,6 @@ fn run_agent(cli: Cli) -> Result<()> {
     })?;
     let sysctl_dir = std::path::Path::new(randport_plugin::node_ports::DEFAULT_SYSCTL_DIR);
     if cli.localhost_access {
-        if cli.firewall != Backend::Nftables {
-            bail!(
-                "--localhost-access needs --firewall nftables (its guard against CVE-2020-8558 is an nft chain)"
-            );
-        }
         if firewall::enable_route_localnet(sysctl_dir, &cli.state_dir)
             .context("setting net.ipv4.conf.all.route_localnet=1 for --localhost-access")?
         {
