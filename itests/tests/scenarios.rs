@@ -409,3 +409,79 @@ fn demo_command_passes_and_leaves_nothing_behind() {
         "files left behind"
     );
 }
+
+/// A run killed while it builds pods (SIGKILL: no cleanup of its own), whose record is gone
+/// too, is still found and removed entirely by `randport-sim down`: its namespaces (among
+/// them the pod being built), its agents, its files.
+#[test]
+fn a_run_killed_mid_build_without_its_record_is_found_and_removed_by_down() {
+    if !root_or_skip("a_run_killed_mid_build_without_its_record_is_found_and_removed_by_down") {
+        return;
+    }
+    use std::io::BufRead as _;
+    let bins = randport_sim::cluster::Binaries::find().unwrap();
+    let sim = bins.agent.with_file_name("randport-sim");
+    let mut child = Command::new(&sim)
+        .args(["demo", "--nodes", "2", "--pods", "40"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut run = None;
+    let mut adds = 0;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("==> run ") {
+            run = rest.split(':').next().map(str::to_owned);
+        }
+        if line.contains(": ADD ") {
+            adds += 1;
+            if adds == 5 {
+                break;
+            }
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let run = run.expect("the demo printed its run id");
+    assert_eq!(adds, 5, "the demo got to its fifth pod");
+    let prefix = format!("rp-{run}-");
+    let left = randport_sim::netns::list_with_prefix(&prefix);
+    assert!(
+        left.iter().any(|n| n.contains("-p")),
+        "the killed run left its pods' namespaces: {left:?}"
+    );
+    let run_dir = std::path::Path::new(randport_sim::cluster::RUNS_DIR).join(&run);
+    let agents_of_run = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    String::from_utf8_lossy(&c).contains(&run_dir.display().to_string())
+                })
+            })
+            .count()
+    };
+    assert_eq!(agents_of_run(), 2, "its two agents outlived it");
+    std::fs::remove_dir_all(&run_dir).unwrap();
+    assert!(
+        randport_sim::down::leftover_runs().contains(&run),
+        "found without its record"
+    );
+
+    let out = Command::new(&sim).args(["down", &run]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("2 agent(s)"), "{said}");
+    assert_eq!(
+        randport_sim::netns::list_with_prefix(&prefix),
+        Vec::<String>::new()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(agents_of_run(), 0, "no agent of the run is left");
+    assert!(!run_dir.exists());
+    assert!(!randport_sim::down::leftover_runs().contains(&run));
+}
