@@ -444,6 +444,71 @@ fn the_chart_values_reach_the_agent_and_the_optional_parts_render_where_they_can
     }
 }
 
+/// What the release workflow attaches: `helm package` of the chart, which installs from the
+/// archive as from the directory (same rendering, presets and README inside).
+#[test]
+fn the_packaged_chart_renders_like_the_directory() {
+    let Some(helm) = helm("the_packaged_chart_renders_like_the_directory") else {
+        return;
+    };
+    let out_dir = std::env::temp_dir().join(format!("randport-chart-{}", std::process::id()));
+    let out = out_dir.display().to_string();
+    run_helm(
+        &helm,
+        &[
+            "package",
+            "charts/randport",
+            "--version",
+            "9.9.9",
+            "--app-version",
+            "9.9.9",
+            "-d",
+            &out,
+        ],
+    )
+    .unwrap();
+    let archive = out_dir.join("randport-9.9.9.tgz");
+    let listing = Command::new("tar")
+        .arg("tzf")
+        .arg(&archive)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    for file in [
+        "randport/README.md",
+        "randport/values.schema.json",
+        "randport/presets/k3s.yaml",
+    ] {
+        assert!(
+            listing.lines().any(|l| l == file),
+            "{file} missing from the package:\n{listing}"
+        );
+    }
+    let archive = archive.display().to_string();
+    let docs = render(&helm, &[]);
+    let mut args = vec!["template", "randport", &archive, "-n", "kube-system"];
+    args.push("--set");
+    args.push("image.tag=0.1.0");
+    let packaged = parse_documents(&run_helm(&helm, &args).unwrap()).unwrap();
+    let strip = |docs: &[Value]| -> Vec<Value> {
+        docs.iter()
+            .map(|d| {
+                let mut d = d.clone();
+                // Helm's own labels carry the chart version.
+                for path in ["/metadata/labels", "/spec/template/metadata/labels"] {
+                    if let Some(Value::Object(labels)) = d.pointer_mut(path) {
+                        labels.remove("helm.sh/chart");
+                        labels.remove("app.kubernetes.io/version");
+                    }
+                }
+                d
+            })
+            .collect()
+    };
+    assert_eq!(strip(&packaged), strip(&docs));
+    std::fs::remove_dir_all(out_dir).unwrap();
+}
+
 #[test]
 fn deploy_is_what_the_chart_renders() {
     if helm("deploy_is_what_the_chart_renders").is_none() {
