@@ -1704,6 +1704,14 @@ async fn run_until_ready(pods: &Api<Pod>, pod: Pod) {
     }
 }
 
+/// What the DaemonSet controller does when the template changes: pod `old` goes (SIGTERM,
+/// its grace period), then `new`, of DaemonSet `ds`'s current template, comes up Ready.
+async fn replace_pod(pods: &Api<Pod>, old: &str, ds: &str, new: &str) {
+    pods.delete(old, &DeleteParams::default()).await.unwrap();
+    wait_gone(pods, old).await;
+    run_until_ready(pods, daemonset_pod(ds, new, LOCAL_NODE)).await;
+}
+
 fn our_entry(conf_dir: &std::path::Path) -> Option<Value> {
     let text = std::fs::read_to_string(conf_dir.join("10-bridge.conflist")).unwrap();
     let conf: Value = serde_json::from_str(&text).unwrap();
@@ -1798,6 +1806,19 @@ async fn the_chart_runs_on_the_node_maps_pods_rolls_and_uninstalls() {
         "-f",
         values_arg,
     ]);
+    let upgrade = |set: &str| {
+        helm_ok(&[
+            "upgrade",
+            "randport-live",
+            &chart,
+            "-n",
+            AGENT_NS,
+            "-f",
+            values_arg,
+            "--set",
+            set,
+        ])
+    };
 
     // The agent pod: its init container installs the entry, the agent becomes Ready.
     run_until_ready(
@@ -1839,25 +1860,12 @@ async fn the_chart_runs_on_the_node_maps_pods_rolls_and_uninstalls() {
             (tries, failures)
         })
     };
-    helm_ok(&[
-        "upgrade",
-        "randport-live",
-        &chart,
-        "-n",
-        AGENT_NS,
-        "-f",
-        values_arg,
-        "--set",
-        "logFormat=json",
-    ]);
-    agents
-        .delete("randport-live-a", &DeleteParams::default())
-        .await
-        .unwrap();
-    wait_gone(&agents, "randport-live-a").await;
-    run_until_ready(
+    upgrade("logFormat=json");
+    replace_pod(
         &agents,
-        daemonset_pod("randport-live", "randport-live-b", node),
+        "randport-live-a",
+        "randport-live",
+        "randport-live-b",
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1887,25 +1895,12 @@ async fn the_chart_runs_on_the_node_maps_pods_rolls_and_uninstalls() {
     for pod in &pods {
         wait_gone(&web, &pod.name).await;
     }
-    helm_ok(&[
-        "upgrade",
-        "randport-live",
-        &chart,
-        "-n",
-        AGENT_NS,
-        "-f",
-        values_arg,
-        "--set",
-        "uninstall.enabled=true",
-    ]);
-    agents
-        .delete("randport-live-b", &DeleteParams::default())
-        .await
-        .unwrap();
-    wait_gone(&agents, "randport-live-b").await;
-    run_until_ready(
+    upgrade("uninstall.enabled=true");
+    replace_pod(
         &agents,
-        daemonset_pod("randport-live-uninstall", "randport-live-uninstall-a", node),
+        "randport-live-b",
+        "randport-live-uninstall",
+        "randport-live-uninstall-a",
     )
     .await;
     assert_eq!(
