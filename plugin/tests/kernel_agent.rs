@@ -495,20 +495,27 @@ fn restart_keeps_connections_and_flushes_are_repaired(backend: &'static str) {
             stream.read_to_string(&mut page).unwrap();
             page
         });
-        let count = |result: &str| -> u64 {
+        let count = |result: &str| -> Result<u64, String> {
             let key = format!("randport_firewall_checks_total{{result=\"{result}\"}} ");
             page.lines()
                 .find_map(|l| l.strip_prefix(key.as_str()))
-                .unwrap_or_else(|| panic!("{key} missing:\n{page}"))
-                .parse()
-                .unwrap()
+                .map(|n| n.parse().unwrap())
+                .ok_or_else(|| format!("{key} missing:\n{page}"))
         };
-        (count("listed"), count("skipped"))
+        Ok::<_, String>((count("listed")?, count("skipped")?))
     };
-    std::thread::sleep(Duration::from_millis(700));
-    let (listed, skipped) = counts(&cluster);
+    // Settled: the restarted agent has listed once and skipped since (on a loaded machine
+    // its first checks can take longer than a few periods).
+    let settled = Instant::now();
+    let (listed, skipped) = loop {
+        match counts(&cluster) {
+            Ok(c) => break c,
+            Err(e) if settled.elapsed() > Duration::from_secs(10) => panic!("{backend}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
     std::thread::sleep(Duration::from_millis(1500));
-    let (listed_later, skipped_later) = counts(&cluster);
+    let (listed_later, skipped_later) = counts(&cluster).unwrap();
     assert_eq!(listed_later, listed, "{backend}: listed while idle");
     assert!(
         skipped_later >= skipped + 3,
