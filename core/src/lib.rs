@@ -14,6 +14,7 @@
 
 pub mod allocator;
 pub mod annotation;
+pub mod cni_code;
 pub mod examples;
 pub mod model;
 pub mod planner;
@@ -22,6 +23,7 @@ pub mod render;
 
 pub use allocator::{AllocError, HostPortAllocator, PortKey};
 pub use annotation::{AnnotationError, AnnotationValue, PortEntry};
+pub use cni_code::CniCode;
 pub use model::{
     ContainerPort, IpFamily, Mapping, PodRef, Protocol, SandboxId, SandboxRecord, SandboxRequest,
 };

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use randport_core::annotation::{self, AnnotationError};
 use randport_core::{
-    HostPortAllocator, PlanError, PodRef, PortKey, PortRange, Protocol, ReservedPorts, SandboxId,
-    SandboxRecord, SandboxRequest, plan,
+    CniCode, HostPortAllocator, PlanError, PodRef, PortKey, PortRange, Protocol, ReservedPorts,
+    SandboxId, SandboxRecord, SandboxRequest, plan,
 };
 
 use crate::conntrack::{Conntrack, ConntrackQueue, needs_flush};
@@ -164,31 +164,37 @@ pub enum AgentError {
 }
 
 impl AgentError {
-    /// The CNI error code and short message.
-    pub fn code(&self) -> (u32, &'static str) {
+    /// The CNI error code.
+    pub fn cni_code(&self) -> CniCode {
         match self {
-            AgentError::NotReady(_) => (11, "Try again later"),
+            AgentError::NotReady(_) => CniCode::TryAgainLater,
             AgentError::Pod(PodError::NotFound { .. } | PodError::Api { .. }) => {
-                (11, "Try again later")
+                CniCode::TryAgainLater
             }
-            AgentError::Pod(PodError::Io { .. }) => (5, "I/O failure"),
+            AgentError::Pod(PodError::Io { .. }) => CniCode::IoFailure,
             AgentError::Pod(PodError::Invalid { .. }) | AgentError::Annotation(_) => {
-                (102, "invalid pod")
+                CniCode::InvalidPod
             }
             AgentError::Plan(
                 PlanError::Exhausted { .. }
                 | PlanError::HostPortBusy { .. }
                 | PlanError::HostPortTaken { .. },
-            ) => (101, "no host port available"),
-            AgentError::Plan(_) => (102, "invalid pod"),
-            AgentError::Hold(_) => (101, "no host port available"),
-            AgentError::State(_) => (5, "I/O failure"),
-            AgentError::Firewall(_) => (103, "firewall change failed"),
-            AgentError::Writeback(_) => (104, "annotation writeback failed"),
-            AgentError::Missing { .. } => (105, "mapping missing"),
-            AgentError::SandboxReused { .. } => (7, "Invalid network config"),
-            AgentError::Cleanup(_) => (106, "cleanup incomplete"),
+            ) => CniCode::NoHostPort,
+            AgentError::Plan(_) => CniCode::InvalidPod,
+            AgentError::Hold(_) => CniCode::NoHostPort,
+            AgentError::State(_) => CniCode::IoFailure,
+            AgentError::Firewall(_) => CniCode::FirewallChangeFailed,
+            AgentError::Writeback(_) => CniCode::WritebackFailed,
+            AgentError::Missing { .. } => CniCode::MappingMissing,
+            AgentError::SandboxReused { .. } => CniCode::InvalidNetworkConfig,
+            AgentError::Cleanup(_) => CniCode::CleanupIncomplete,
         }
+    }
+
+    /// The CNI error code and short message.
+    pub fn code(&self) -> (u32, &'static str) {
+        let code = self.cni_code();
+        (code.code(), code.msg())
     }
 
     /// A short label for the failures metric.

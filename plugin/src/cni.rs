@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use randport_core::{PodRef, SandboxId};
+use randport_core::{CniCode, PodRef, SandboxId};
 use rscni_types::error::Error as CniError;
 use rscni_types::types::{Cmd, ErrorResult, NetConf};
 use rscni_types::version::{PluginInfo, SpecVersion};
@@ -292,12 +292,12 @@ fn invoke(
         (result, _) => result.map_err(|e| agent_error(e, cmd))?,
     };
     match response {
-        Response::Error(reply) => Err(match reply.code {
-            5 => CniError::IOFailure(reply.details),
-            6 => CniError::FailedToDecode(reply.details),
-            7 => CniError::InvalidNetworkConfig(reply.details),
-            11 => CniError::TryAgainLater(reply.details),
-            code => CniError::Custom(code, reply.msg, reply.details),
+        Response::Error(reply) => Err(match CniCode::from_code(reply.code) {
+            Some(CniCode::IoFailure) => CniError::IOFailure(reply.details),
+            Some(CniCode::FailedToDecode) => CniError::FailedToDecode(reply.details),
+            Some(CniCode::InvalidNetworkConfig) => CniError::InvalidNetworkConfig(reply.details),
+            Some(CniCode::TryAgainLater) => CniError::TryAgainLater(reply.details),
+            _ => CniError::Custom(reply.code, reply.msg, reply.details),
         }),
         Response::Ok { ready, .. } => match cmd {
             Cmd::Add => Ok(raw.get("prevResult").cloned()),
@@ -502,6 +502,31 @@ mod tests {
                 valid: vec![SandboxId("a".into()), SandboxId("b".into())]
             }
         );
+    }
+
+    #[test]
+    fn the_spec_codes_we_use_are_rscnis_numbers_and_words() {
+        let s = String::new;
+        for (error, code) in [
+            (
+                CniError::IncompatibleVersion(s()),
+                CniCode::IncompatibleVersion,
+            ),
+            (CniError::InvalidEnvValue(s()), CniCode::InvalidEnvValue),
+            (CniError::IOFailure(s()), CniCode::IoFailure),
+            (CniError::FailedToDecode(s()), CniCode::FailedToDecode),
+            (
+                CniError::InvalidNetworkConfig(s()),
+                CniCode::InvalidNetworkConfig,
+            ),
+            (CniError::TryAgainLater(s()), CniCode::TryAgainLater),
+            (
+                CniError::PluginNotAvailable(s()),
+                CniCode::PluginNotAvailable,
+            ),
+        ] {
+            assert_eq!((u32::from(&error), error.msg()), (code.code(), code.msg()));
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use randport_core::CniCode;
 
 use crate::agent::{Agent, HealthLimits};
 use crate::rpc::{ErrorReply, MAX_REQUEST, Request, Response, RpcError, read_limited};
@@ -32,10 +33,10 @@ pub fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-fn error(code: u32, msg: &str, details: String) -> Response {
+fn error(code: CniCode, details: String) -> Response {
     Response::Error(ErrorReply {
-        code,
-        msg: msg.to_owned(),
+        code: code.code(),
+        msg: code.msg().to_owned(),
         details,
     })
 }
@@ -55,19 +56,17 @@ pub fn serve_connection(agent: &Agent, mut stream: UnixStream, allowed_uid: u32)
                 let limit = 16 * MAX_REQUEST as u64;
                 let _ = std::io::copy(&mut (&stream).take(limit), &mut std::io::sink());
                 return error(
-                    6,
-                    "Failed to decode content",
+                    CniCode::FailedToDecode,
                     format!("request longer than {n} bytes"),
                 );
             }
-            Err(e) => return error(5, "I/O failure", e.to_string()),
+            Err(e) => return error(CniCode::IoFailure, e.to_string()),
         };
         match getsockopt(&stream, PeerCredentials) {
             Ok(cred) if cred.uid() == allowed_uid => {}
             Ok(cred) => {
                 return error(
-                    126,
-                    "permission denied",
+                    CniCode::PermissionDenied,
                     format!(
                         "uid {} may not use randportd; only uid {allowed_uid} may",
                         cred.uid()
@@ -76,19 +75,14 @@ pub fn serve_connection(agent: &Agent, mut stream: UnixStream, allowed_uid: u32)
             }
             Err(e) => {
                 return error(
-                    5,
-                    "I/O failure",
+                    CniCode::IoFailure,
                     format!("cannot read the peer's credentials: {e}"),
                 );
             }
         }
         match serde_json::from_slice::<Request>(&bytes) {
             Ok(request) => agent.handle(request),
-            Err(e) => error(
-                6,
-                "Failed to decode content",
-                format!("malformed request: {e}"),
-            ),
+            Err(e) => error(CniCode::FailedToDecode, format!("malformed request: {e}")),
         }
     })();
     if let Ok(bytes) = serde_json::to_vec(&response) {

@@ -212,45 +212,31 @@ fn the_configuration_reference_lists_every_helm_value() {
     );
 }
 
-/// Every CNI error code randport can return: the agent's (`AgentError::code`), the
-/// server's, and the CNI spec's codes the plugin uses (by rscni-types variant).
+/// Every CNI error code randport can return: `randport_core::CniCode`, the one list the
+/// agent, its server and the plugin take their codes from.
 fn cni_codes() -> BTreeSet<u32> {
-    let src = |f: &str| std::fs::read_to_string(repo().join("plugin/src").join(f)).unwrap();
-    let mut codes = BTreeSet::from([1]); // the CNI version check (cni.rs tests assert it)
-    let agent = src("agent.rs");
-    let code_fn = agent
-        .split("pub fn code(&self)")
-        .nth(1)
-        .unwrap()
-        .split("\n    }\n")
-        .next()
-        .unwrap();
-    for part in code_fn.split("=> (").skip(1) {
-        codes.insert(part.split(',').next().unwrap().trim().parse().unwrap());
-    }
-    let server = src("server.rs");
-    for part in server.split("error(").skip(1) {
-        if let Ok(code) = part.split(',').next().unwrap().trim().parse() {
-            codes.insert(code);
-        }
-    }
-    for variant in tokens_with_prefix(&src("cni.rs"), "CniError::", |c| c.is_ascii_alphanumeric()) {
-        let code = match variant.trim_start_matches("CniError::") {
-            "IncompatibleVersion" => 1,
-            "InvalidEnvValue" => 4,
-            "IOFailure" => 5,
-            "FailedToDecode" => 6,
-            "InvalidNetworkConfig" => 7,
-            "TryAgainLater" => 11,
-            "PluginNotAvailable" => 50,
-            "Custom" | "missing" => continue,
-            other => panic!(
-                "cni.rs uses CniError::{other}: add its code here and to docs/troubleshooting.md"
-            ),
+    use randport_core::CniCode;
+    // The plugin also builds rscni-types errors itself: each variant it names must be one
+    // of ours (a new one needs its code in CniCode, and so a section).
+    let cni = std::fs::read_to_string(repo().join("plugin/src/cni.rs")).unwrap();
+    for variant in tokens_with_prefix(&cni, "CniError::", |c| c.is_ascii_alphanumeric()) {
+        let ours = match variant.trim_start_matches("CniError::") {
+            "IncompatibleVersion" => Some(CniCode::IncompatibleVersion),
+            "InvalidEnvValue" => Some(CniCode::InvalidEnvValue),
+            "IOFailure" => Some(CniCode::IoFailure),
+            "FailedToDecode" => Some(CniCode::FailedToDecode),
+            "InvalidNetworkConfig" => Some(CniCode::InvalidNetworkConfig),
+            "TryAgainLater" => Some(CniCode::TryAgainLater),
+            "PluginNotAvailable" => Some(CniCode::PluginNotAvailable),
+            // Custom carries a CniCode's number; `missing` is a helper, not a variant.
+            "Custom" | "missing" => None,
+            other => {
+                panic!("cni.rs uses CniError::{other}: add its code to randport_core::CniCode")
+            }
         };
-        codes.insert(code);
+        assert!(ours.is_none_or(|c| CniCode::ALL.contains(&c)));
     }
-    codes
+    CniCode::ALL.iter().map(|c| c.code()).collect()
 }
 
 #[test]
