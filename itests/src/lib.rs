@@ -148,6 +148,17 @@ impl TestNetns for Netns {
     }
 }
 
+/// Where the chart and docs tests find helm: `HELM`, else the copy `just test` fetches
+/// into target/tools (ci/lib.sh ensure_helm). It may not exist; callers say what then.
+pub fn helm_path() -> std::path::PathBuf {
+    std::env::var_os("HELM")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/tools/helm-3.17.3/helm")
+        })
+}
+
 /// The fenced code blocks of a markdown text, as (info string, body): how the tests find
 /// the commands in docs/ (`sh test` blocks run in plugin/tests/docs.rs, `sh e2e` blocks on
 /// a real cluster in tests/e2e.rs).

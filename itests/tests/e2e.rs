@@ -946,17 +946,16 @@ async fn the_shipped_manifests_pass_a_server_side_dry_run() {
 
 /// helm (`HELM`; the e2e scripts fetch it). Under RANDPORT_E2E it must be there.
 fn helm_or_skip(test: &str) -> Option<PathBuf> {
-    if let Some(h) = std::env::var_os("HELM")
-        .map(PathBuf::from)
-        .filter(|p| p.is_file())
-    {
-        return Some(h);
+    let helm = randport_itests::helm_path();
+    if helm.is_file() {
+        return Some(helm);
     }
     assert!(
         std::env::var_os("RANDPORT_E2E").is_none(),
-        "{test}: RANDPORT_E2E is set but HELM does not name helm (ci/lib.sh ensure_helm)"
+        "{test}: RANDPORT_E2E is set but there is no helm at {} (HELM, or ci/lib.sh ensure_helm)",
+        helm.display()
     );
-    eprintln!("SKIPPED {test}: HELM does not name a helm binary");
+    eprintln!("SKIPPED {test}: no helm at {}", helm.display());
     None
 }
 
@@ -1789,12 +1788,9 @@ async fn the_chart_runs_on_the_node_maps_pods_rolls_and_uninstalls() {
     .unwrap();
     let chart = format!("{repo}/charts/randport");
     let helm_ok = |args: &[&str]| {
-        let out = Command::new(&helm).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "helm {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut command = Command::new(&helm);
+        command.args(args);
+        run_ok(command, None);
     };
     let values_arg = values.to_str().unwrap();
     helm_ok(&[

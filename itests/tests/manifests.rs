@@ -212,9 +212,7 @@ fn repo() -> PathBuf {
 /// helm: `HELM`, else the copy `just test` fetched into target/tools. None (with a message)
 /// when neither is there; under CI that is a failure.
 fn helm(test: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("HELM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/tools/helm-3.17.3/helm"));
+    let path = randport_itests::helm_path();
     if path.is_file() {
         return Some(path);
     }

@@ -261,9 +261,7 @@ fn troubleshooting_has_a_section_for_every_cni_error_code() {
 use randport_itests::fenced_blocks;
 
 fn helm_dir() -> Option<PathBuf> {
-    let helm = std::env::var_os("HELM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/tools/helm-3.17.3/helm"));
+    let helm = randport_itests::helm_path();
     helm.is_file().then(|| helm.parent().unwrap().to_owned())
 }
 
