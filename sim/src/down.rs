@@ -34,10 +34,9 @@ fn cmdline(pid: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Whether `pid` is a randportd process.
-fn is_randportd(pid: u32) -> bool {
-    cmdline(pid)
-        .first()
+/// Whether a command line is randportd's.
+fn is_randportd(args: &[String]) -> bool {
+    args.first()
         .is_some_and(|argv0| argv0.ends_with("randportd"))
 }
 
@@ -101,10 +100,10 @@ pub fn run(run_id: &str, removed: &mut Removed) {
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.trim().parse().ok())
-        .filter(|pid| is_randportd(*pid))
+        .filter(|pid| is_randportd(&cmdline(*pid)))
         .collect();
     for (pid, args) in processes() {
-        if is_randportd(pid) && run_of_agent(&args).as_deref() == Some(run_id) {
+        if is_randportd(&args) && run_of_agent(&args).as_deref() == Some(run_id) {
             pids.push(pid);
         }
     }
@@ -147,7 +146,7 @@ pub fn leftover_runs() -> Vec<String> {
     runs.extend(
         processes()
             .into_iter()
-            .filter(|(pid, _)| is_randportd(*pid))
+            .filter(|(_, args)| is_randportd(args))
             .filter_map(|(_, args)| run_of_agent(&args)),
     );
     runs.sort();
