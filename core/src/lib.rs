@@ -11,6 +11,7 @@
 //! - [`render`]: nftables and iptables-restore text for the mappings.
 //! - [`examples`]: example sandboxes for tests, benches and docs.
 //! - [`model`]: pods, sandboxes, mappings and the per-sandbox record the agent persists.
+//! - [`wire`]: the requests the plugin sends the agent and its answers (serde types).
 
 pub mod allocator;
 pub mod annotation;
@@ -20,6 +21,7 @@ pub mod model;
 pub mod planner;
 pub mod range;
 pub mod render;
+pub mod wire;
 
 pub use allocator::{AllocError, HostPortAllocator, PortKey};
 pub use annotation::{AnnotationError, AnnotationValue, PortEntry};

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use randport_core::annotation::{AnnotationValue, PortEntry, decode};
+use randport_core::wire::{MAX_RESPONSE, Request, Response};
 use randport_core::{DEFAULT_ANNOTATION, PodRef, Protocol, SandboxId, SandboxRecord};
-use randport_plugin::rpc::{self, Request, Response};
 use serde_json::{Value, json};
 
 use crate::addresses;
@@ -430,7 +430,7 @@ impl Cluster {
         node.agent = Some(child);
         loop {
             if let Ok(Response::Ok { ready: true, .. }) =
-                rpc::call(&node.socket(), &Request::Status, Duration::from_secs(2))
+                call_agent(&node.socket(), &Request::Status, Duration::from_secs(2))
             {
                 return Ok(started.elapsed());
             }
@@ -830,7 +830,7 @@ impl Cluster {
 
     /// What node `i`'s agent reports.
     pub fn agent_records(&self, i: usize) -> Result<Vec<SandboxRecord>> {
-        match rpc::call(
+        match call_agent(
             &self.nodes[i].socket(),
             &Request::List,
             Duration::from_secs(5),
@@ -924,6 +924,31 @@ impl Cluster {
         );
         out
     }
+}
+
+/// Sends one request to the agent at `socket`, as the plugin does (one JSON request, the
+/// write side closed, one JSON answer), and waits up to `timeout` for the answer.
+pub fn call_agent(socket: &Path, request: &Request, timeout: Duration) -> Result<Response> {
+    use std::io::Read as _;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connecting to randportd at {}", socket.display()))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(&serde_json::to_vec(request)?)?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut answer = Vec::new();
+    (&mut stream)
+        .take(MAX_RESPONSE as u64 + 1)
+        .read_to_end(&mut answer)
+        .with_context(|| format!("reading randportd's answer on {}", socket.display()))?;
+    if answer.len() > MAX_RESPONSE {
+        bail!(
+            "randportd's answer on {} is longer than {MAX_RESPONSE} bytes",
+            socket.display()
+        );
+    }
+    serde_json::from_slice(&answer)
+        .with_context(|| format!("malformed answer from randportd on {}", socket.display()))
 }
 
 fn tail(path: &Path) -> String {
