@@ -139,12 +139,20 @@ impl TestNetns for Netns {
         peer_if: &str,
         peer_addr: &str,
     ) {
-        self.veth(local_if, peer, peer_if)
-            .unwrap_or_else(|e| panic!("{e:#}"));
-        self.addr(local_if, local_addr)
-            .unwrap_or_else(|e| panic!("{e:#}"));
-        peer.addr(peer_if, peer_addr)
-            .unwrap_or_else(|e| panic!("{e:#}"));
+        let peer_path = peer.path();
+        self.ipc(&[
+            "link", "add", local_if, "type", "veth", "peer", "name", peer_if, "netns", &peer_path,
+        ]);
+        self.ipc(&["link", "set", local_if, "up"]);
+        peer.ipc(&["link", "set", peer_if, "up"]);
+        for (ns, dev, cidr) in [(self, local_if, local_addr), (peer, peer_if, peer_addr)] {
+            let nodad = if cidr.contains(':') {
+                &["nodad"][..]
+            } else {
+                &[]
+            };
+            ns.ipc(&[&["addr", "add", cidr, "dev", dev][..], nodad].concat());
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::process::Command;
 use randport_core::Protocol;
 use randport_itests::{assert_checks, root_or_skip};
 use randport_sim::checks;
-use randport_sim::cluster::{Cluster, ClusterSpec, Origin, PodSpec, SimPort};
+use randport_sim::cluster::{Cluster, ClusterSpec, Origin, PodSpec, SimPort, ifindex};
 
 fn cluster(nodes: usize, ipv6: bool, firewall: &str) -> Cluster {
     let spec = ClusterSpec {
@@ -132,7 +132,10 @@ fn host_ip_mapping_answers_only_on_that_address() {
     }
     let mut c = cluster(1, false, "nftables");
     let second: IpAddr = "192.0.2.101".parse().unwrap();
-    c.nodes[0].ns.addr("eth0", "192.0.2.101/24").unwrap();
+    c.nodes[0]
+        .ns
+        .addr(ifindex::ETH0, "192.0.2.101".parse().unwrap(), 24)
+        .unwrap();
     let mut spec = PodSpec::echo("pin", "pinned", 0);
     spec.ports = vec![
         SimPort {
@@ -442,15 +445,31 @@ fn a_run_killed_mid_build_without_its_record_is_found_and_removed_by_down() {
             }
         }
     }
+    // The pods' namespaces are held by the simulator's descriptors only (not mounted).
+    let pod_namespaces = net_namespaces_held_by(child.id());
     child.kill().unwrap();
     child.wait().unwrap();
     let run = run.expect("the demo printed its run id");
     assert_eq!(adds, 5, "the demo got to its fifth pod");
+    assert!(
+        pod_namespaces.len() >= 5,
+        "the simulator held its pods' namespaces: {pod_namespaces:?}"
+    );
+    let alive = live_net_namespaces();
+    let survivors: Vec<_> = pod_namespaces.intersection(&alive).collect();
+    assert!(
+        survivors.is_empty(),
+        "no pod namespace outlives the simulator: {survivors:?} still held"
+    );
     let prefix = format!("rp-{run}-");
     let left = randport_sim::netns::list_with_prefix(&prefix);
     assert!(
-        left.iter().any(|n| n.contains("-p")),
-        "the killed run left its pods' namespaces: {left:?}"
+        left.iter().any(|n| n.ends_with("-node-0")),
+        "the killed run left its nodes' namespaces: {left:?}"
+    );
+    assert!(
+        !left.iter().any(|n| n.contains("-p")),
+        "no pod namespace is mounted: {left:?}"
     );
     let run_dir = std::path::Path::new(randport_sim::cluster::RUNS_DIR).join(&run);
     let agents_of_run = || {
@@ -484,4 +503,182 @@ fn a_run_killed_mid_build_without_its_record_is_found_and_removed_by_down() {
     assert_eq!(agents_of_run(), 0, "no agent of the run is left");
     assert!(!run_dir.exists());
     assert!(!randport_sim::down::leftover_runs().contains(&run));
+}
+
+#[test]
+fn a_scale_run_of_four_nodes_by_a_hundred_pods_builds_checks_deletes_and_tears_down() {
+    if !root_or_skip(
+        "a_scale_run_of_four_nodes_by_a_hundred_pods_builds_checks_deletes_and_tears_down",
+    ) {
+        return;
+    }
+    use randport_sim::scale::{self, ScaleSpec};
+    let mut said = Vec::new();
+    let spec = ScaleSpec {
+        cluster: ClusterSpec {
+            nodes: 4,
+            repair_interval_ms: 1000,
+            ..ClusterSpec::default()
+        },
+        pods_per_node: 100,
+        traffic_percent: 5,
+        delete_percent: 10,
+        wait_for_kernel: false,
+    };
+    let report = scale::run(&spec, &mut |m| said.push(m.to_owned())).unwrap();
+    let run = said[0]
+        .strip_prefix("run ")
+        .and_then(|r| r.split(':').next())
+        .expect("the run is named first")
+        .to_owned();
+    eprintln!("{report:#?}");
+    assert_checks("the scale run", &report.checks);
+    assert_eq!(report.build.pods, 400);
+    assert_eq!(report.mappings, 800, "two mappings a pod, all written back");
+    assert_eq!(report.traffic_pods, 20, "5 % reached with traffic");
+    assert_eq!(report.delete.pods, 40, "a tenth deleted");
+    assert_eq!(report.teardown.pods, 360);
+    // Every kind of check ran: agents vs annotations twice, traffic both ways, ports.
+    assert_eq!(report.checks.len(), 7, "{:#?}", report.checks);
+    assert!(
+        said.iter().any(|m| m.starts_with("built 400/400 pods")),
+        "progress is reported: {said:?}"
+    );
+    assert_eq!(
+        randport_sim::netns::list_with_prefix(&format!("rp-{run}-")),
+        Vec::<String>::new(),
+        "the teardown removed every namespace"
+    );
+    assert!(!randport_sim::down::leftover_runs().contains(&run));
+}
+
+/// A namespace's links, addresses and routes, without what the kernel numbers or draws at
+/// random (indexes, MAC and link-local addresses, lifetimes).
+fn wiring_of(ns: &randport_sim::netns::Netns, links: &[&str]) -> Vec<serde_json::Value> {
+    let json = |args: &[&str]| -> Vec<serde_json::Value> {
+        serde_json::from_str(&ns.run_ok("ip", args, "").unwrap()).unwrap()
+    };
+    let mut out = Vec::new();
+    for mut link in json(&["-j", "addr", "show"]) {
+        if !links.contains(&link["ifname"].as_str().unwrap_or_default()) {
+            continue;
+        }
+        let object = link.as_object_mut().unwrap();
+        for key in [
+            "ifindex",
+            "link_index",
+            "address",
+            "broadcast",
+            "link_netnsid",
+            "qdisc",
+            "group",
+            "txqlen",
+            "altnames",
+        ] {
+            object.remove(key);
+        }
+        if let Some(addrs) = object.get_mut("addr_info").and_then(|a| a.as_array_mut()) {
+            addrs.retain(|a| !a["local"].as_str().unwrap_or_default().starts_with("fe80"));
+            for a in addrs.iter_mut() {
+                let a = a.as_object_mut().unwrap();
+                a.remove("valid_life_time");
+                a.remove("preferred_life_time");
+            }
+        }
+        out.push(link);
+    }
+    for family in ["-4", "-6"] {
+        out.extend(
+            json(&["-j", family, "route", "show"])
+                .into_iter()
+                .filter(|r| r["dst"].as_str() != Some("fe80::/64")),
+        );
+    }
+    out
+}
+
+#[test]
+fn pods_wired_over_netlink_look_exactly_like_pods_wired_with_ip_commands() {
+    if !root_or_skip("pods_wired_over_netlink_look_exactly_like_pods_wired_with_ip_commands") {
+        return;
+    }
+    use randport_sim::cluster::Wiring;
+    let wired = |wiring: Wiring| {
+        let mut c = Cluster::up(
+            ClusterSpec {
+                nodes: 1,
+                ipv6: true,
+                wiring,
+                ..ClusterSpec::default()
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+        c.add_pod(PodSpec::echo("wiring", "echo-0", 0)).unwrap();
+        let pod = wiring_of(&c.pod("echo-0").unwrap().ns, &["lo", "eth0"]);
+        let node = wiring_of(&c.nodes[0].ns, &["eth0", "p0"]);
+        // And it carries traffic both ways.
+        assert_checks(
+            "the wired pod answers",
+            &checks::reach_every_mapping(&c)
+                .into_iter()
+                .map(|r| r.check)
+                .collect::<Vec<_>>(),
+        );
+        (pod, node)
+    };
+    let (netlink_pod, netlink_node) = wired(Wiring::Netlink);
+    let (ip_pod, ip_node) = wired(Wiring::IpCommands);
+    assert!(
+        netlink_pod.len() >= 6,
+        "links and routes were read: {netlink_pod:#?}"
+    );
+    assert_eq!(netlink_pod, ip_pod, "the pod's namespace");
+    assert_eq!(netlink_node, ip_node, "the node's side");
+}
+
+/// The network namespaces (nsfs inodes) process `pid` holds by a descriptor.
+fn net_namespaces_held_by(pid: u32) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .map(|target| target.display().to_string())
+        .filter(|target| target.starts_with("net:["))
+        .collect()
+}
+
+/// Every network namespace something still holds: a task's, a descriptor's or a mount's.
+fn live_net_namespaces() -> std::collections::BTreeSet<String> {
+    let mut alive = std::collections::BTreeSet::new();
+    for process in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = process
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for task in tasks.flatten() {
+                if let Ok(ns) = std::fs::read_link(task.path().join("ns/net")) {
+                    alive.insert(ns.display().to_string());
+                }
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            for fd in fds.flatten() {
+                if let Ok(target) = std::fs::read_link(fd.path()) {
+                    alive.insert(target.display().to_string());
+                }
+            }
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for field in mounts.split_whitespace() {
+        if let Some(ns) = field.strip_prefix("net:[") {
+            alive.insert(format!("net:[{ns}"));
+        }
+    }
+    alive
 }

@@ -19,11 +19,17 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(name: impl Into<String>, result: Result<(), String>) -> Self {
+    /// A check and its result.
+    pub fn new(name: impl Into<String>, result: Result<(), String>) -> Self {
         Check {
             name: name.into(),
             result,
         }
+    }
+
+    /// A check that failed with `error`.
+    pub fn failed(name: String, error: anyhow::Error) -> Self {
+        Check::new(name, Err(format!("{error:#}")))
     }
 
     /// Whether it passed.
@@ -217,9 +223,10 @@ pub fn annotations_match_agents(cluster: &Cluster) -> Vec<Check> {
             };
             checks.push(Check::new(name, result));
         }
+        let live: std::collections::HashSet<_> = cluster.pods.iter().map(|p| &p.sandbox).collect();
         let orphans: Vec<_> = records
             .iter()
-            .filter(|r| !cluster.pods.iter().any(|p| p.sandbox == r.sandbox))
+            .filter(|r| !live.contains(&r.sandbox))
             .collect();
         checks.push(Check::new(
             format!(

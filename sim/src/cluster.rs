@@ -46,6 +46,41 @@ pub struct ClusterSpec {
     pub repair_interval_ms: u64,
     /// Start the agents with `--localhost-access`.
     pub localhost_access: bool,
+    /// How pods are wired.
+    pub wiring: Wiring,
+}
+
+/// How the simulator wires a pod (the main CNI plugin's part).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Wiring {
+    /// rtnetlink messages from this process; the pod's namespace is held by a descriptor,
+    /// not mounted. The default.
+    #[default]
+    Netlink,
+    /// `ip netns add` and about eight `ip` execs per pod, the namespace mounted under
+    /// `/run/netns`: what the simulator did before, kept as the benchmark's reference and
+    /// to check that both give the same links, addresses and routes.
+    IpCommands,
+}
+
+/// Interface indexes the simulator chooses, so that it never has to look one up: in every
+/// namespace `eth0` is 2 (loopback is 1); in the underlay the bridge is 2, the client's
+/// port 3 and node `i`'s port `10 + i`; on a node, pod `j`'s end of its veth is `1000 + j`.
+pub mod ifindex {
+    /// `eth0` in a node, pod or the client.
+    pub const ETH0: u32 = 2;
+    /// The underlay's bridge.
+    pub const BRIDGE: u32 = 2;
+    /// The client's port on the bridge.
+    pub const CLIENT_PORT: u32 = 3;
+    /// Node `i`'s port on the bridge.
+    pub fn node_port(i: usize) -> u32 {
+        10 + i as u32
+    }
+    /// Pod `j`'s veth end on its node.
+    pub fn pod_port(j: usize) -> u32 {
+        1000 + j as u32
+    }
 }
 
 impl Default for ClusterSpec {
@@ -58,6 +93,7 @@ impl Default for ClusterSpec {
             run_id: None,
             repair_interval_ms: 500,
             localhost_access: false,
+            wiring: Wiring::Netlink,
         }
     }
 }
@@ -258,11 +294,37 @@ pub fn new_run_id() -> String {
     format!("{:06x}", fastrand::u32(..0x100_0000))
 }
 
+/// Raises this process's open-files limit as far as the kernel lets it (`fs.nr_open`, at
+/// most 2^20): a pod holds three descriptors (its namespace and two sockets), so 5,120 pods
+/// need more than the usual 1,024 or 20,000. The plugin and agents the simulator starts
+/// inherit it. Returns the limit now in force.
+pub fn raise_open_files_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard)
+        .min(1 << 20);
+    // Raising the hard limit needs CAP_SYS_RESOURCE; else the soft one goes up to it.
+    if hard < ceiling && setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_ok() {
+        return ceiling;
+    }
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}
+
 /// Loopback up and, with IPv6, no duplicate address detection (links come up at once).
 fn prepare(ns: &Netns, ipv6: bool) -> Result<()> {
     if ipv6 {
-        ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
-        ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+        ns.sysctls(&[
+            ("net.ipv6.conf.all.accept_dad", "0"),
+            ("net.ipv6.conf.default.accept_dad", "0"),
+        ])?;
     }
     ns.lo_up()
 }
@@ -283,10 +345,14 @@ impl Cluster {
             );
         }
         let bins = Binaries::find()?;
+        let files = raise_open_files_limit();
         let run_id = spec.run_id.clone().unwrap_or_else(new_run_id);
         let dir = Path::new(RUNS_DIR).join(&run_id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        progress(&format!("run {run_id}: files in {}", dir.display()));
+        progress(&format!(
+            "run {run_id}: files in {}; up to {files} open descriptors",
+            dir.display()
+        ));
 
         let underlay = Netns::create(&ns_name(&run_id, "underlay"))?;
         let client = Netns::create(&ns_name(&run_id, "client"))?;
@@ -301,21 +367,22 @@ impl Cluster {
             underlay,
         };
         prepare(&cluster.underlay, cluster.spec.ipv6)?;
-        cluster
-            .underlay
-            .ip(&["link", "add", "br0", "type", "bridge"])?;
-        cluster.underlay.ip(&["link", "set", "br0", "up"])?;
+        cluster.underlay.bridge("br0", ifindex::BRIDGE)?;
 
         // The outside client.
         prepare(&cluster.client, cluster.spec.ipv6)?;
-        cluster.underlay.veth("client", &cluster.client, "eth0")?;
+        cluster.underlay.veth(
+            ("client", ifindex::CLIENT_PORT),
+            &cluster.client,
+            ("eth0", ifindex::ETH0),
+        )?;
         cluster
             .underlay
-            .ip(&["link", "set", "client", "master", "br0"])?;
+            .enslave(ifindex::CLIENT_PORT, ifindex::BRIDGE)?;
         let (c4, c6) = addresses::client_ips();
-        cluster.client.addr("eth0", &format!("{c4}/24"))?;
+        cluster.client.addr(ifindex::ETH0, c4.into(), 24)?;
         if cluster.spec.ipv6 {
-            cluster.client.addr("eth0", &format!("{c6}/64"))?;
+            cluster.client.addr(ifindex::ETH0, c6.into(), 64)?;
         }
         progress(&format!("underlay bridge and outside client {c4} ready"));
 
@@ -339,15 +406,16 @@ impl Cluster {
         let name = format!("node-{i}");
         let ns = Netns::create(&ns_name(&self.run_id, &name))?;
         prepare(&ns, self.spec.ipv6)?;
-        self.underlay.veth(&format!("n{i}"), &ns, "eth0")?;
+        let port = ifindex::node_port(i);
         self.underlay
-            .ip(&["link", "set", &format!("n{i}"), "master", "br0"])?;
+            .veth((&format!("n{i}"), port), &ns, ("eth0", ifindex::ETH0))?;
+        self.underlay.enslave(port, ifindex::BRIDGE)?;
         let ip4 = addresses::node_ipv4(i);
-        ns.addr("eth0", &format!("{ip4}/24"))?;
+        ns.addr(ifindex::ETH0, ip4.into(), 24)?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         let ip6 = if self.spec.ipv6 {
             let ip6 = addresses::node_ipv6(i);
-            ns.addr("eth0", &format!("{ip6}/64"))?;
+            ns.addr(ifindex::ETH0, ip6.into(), 64)?;
             ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
             Some(ip6)
         } else {
@@ -371,17 +439,12 @@ impl Cluster {
         for node in &self.nodes {
             for other in self.nodes.iter().filter(|o| o.index != node.index) {
                 let (subnet, bits) = addresses::pod_subnet_v4(other.index);
-                node.ns.ip(&[
-                    "route",
-                    "add",
-                    &format!("{subnet}/{bits}"),
-                    "via",
-                    &other.ip4.to_string(),
-                ])?;
+                node.ns
+                    .route(subnet.into(), bits, ifindex::ETH0, Some(other.ip4.into()))?;
                 if let Some(via) = other.ip6 {
-                    let subnet6 = format!("2001:db8:1:{:x}::/64", other.index);
+                    let subnet6 = Ipv6Addr::new(0x2001, 0xdb8, 1, other.index as u16, 0, 0, 0, 0);
                     node.ns
-                        .ip(&["-6", "route", "add", &subnet6, "via", &via.to_string()])?;
+                        .route(subnet6.into(), 64, ifindex::ETH0, Some(via.into()))?;
                 }
             }
         }
@@ -584,43 +647,21 @@ impl Cluster {
         node.next_pod += 1;
         let node = &self.nodes[spec.node];
         let (v4, v6) = addresses::pod_ips(node.index, j);
-        let ns = Netns::create(&ns_name(&self.run_id, &format!("{}-p{j}", node.name)))?;
-        prepare(&ns, self.spec.ipv6)?;
-        let host_if = format!("p{j}");
-        node.ns.veth(&host_if, &ns, "eth0")?;
-        let gw = addresses::pod_gateway_v4(node.index);
-        node.ns.addr(&host_if, &format!("{gw}/32"))?;
-        node.ns
-            .ip(&["route", "add", &format!("{v4}/32"), "dev", &host_if])?;
-        ns.addr("eth0", &format!("{v4}/32"))?;
-        ns.ip(&["route", "add", &gw.to_string(), "dev", "eth0"])?;
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &gw.to_string(),
-            "dev",
-            "eth0",
-        ])?;
+        let name = ns_name(&self.run_id, &format!("{}-p{j}", node.name));
+        let gw6 = Ipv6Addr::new(0x2001, 0xdb8, 1, node.index as u16, 0, 0, 0, 1);
+        let wired = PodWiring {
+            node: &node.ns,
+            j,
+            v4,
+            gw: addresses::pod_gateway_v4(node.index),
+            v6: self.spec.ipv6.then_some((v6, gw6)),
+        };
+        let ns = match self.spec.wiring {
+            Wiring::Netlink => wired.with_netlink(&name)?,
+            Wiring::IpCommands => wired.with_ip_commands(&name)?,
+        };
         let mut ips = vec![IpAddr::V4(v4)];
         if self.spec.ipv6 {
-            let gw6 = Ipv6Addr::new(0x2001, 0xdb8, 1, node.index as u16, 0, 0, 0, 1);
-            node.ns.addr(&host_if, &format!("{gw6}/128"))?;
-            node.ns
-                .ip(&["-6", "route", "add", &format!("{v6}/128"), "dev", &host_if])?;
-            ns.addr("eth0", &format!("{v6}/128"))?;
-            ns.ip(&["-6", "route", "add", &gw6.to_string(), "dev", "eth0"])?;
-            ns.ip(&[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &gw6.to_string(),
-                "dev",
-                "eth0",
-            ])?;
             ips.push(IpAddr::V6(v6));
         }
         let ports: Vec<(u16, Protocol)> = spec
@@ -924,6 +965,109 @@ impl Cluster {
         );
         out
     }
+}
+
+/// What the main plugin sets up for pod `j` of a node.
+struct PodWiring<'a> {
+    node: &'a Netns,
+    j: usize,
+    v4: Ipv4Addr,
+    gw: Ipv4Addr,
+    /// The pod's IPv6 address and gateway, with IPv6.
+    v6: Option<(Ipv6Addr, Ipv6Addr)>,
+}
+
+impl PodWiring<'_> {
+    /// Over rtnetlink: a namespace held by a descriptor, then seven messages (nine more
+    /// with IPv6) on a socket in the pod's namespace and the node's.
+    fn with_netlink(&self, name: &str) -> Result<Netns> {
+        use ifindex::ETH0;
+        let mut ns = Netns::anonymous(name)?;
+        prepare(&ns, self.v6.is_some())?;
+        let port = ifindex::pod_port(self.j);
+        ns.veth(("eth0", ETH0), self.node, (&format!("p{}", self.j), port))?;
+        let (v4, gw) = (IpAddr::V4(self.v4), IpAddr::V4(self.gw));
+        self.node.addr(port, gw, 32)?;
+        self.node.route(v4, 32, port, None)?;
+        ns.addr(ETH0, v4, 32)?;
+        ns.route(gw, 32, ETH0, None)?;
+        ns.route(Ipv4Addr::UNSPECIFIED.into(), 0, ETH0, Some(gw))?;
+        if let Some((v6, gw6)) = self.v6 {
+            let (v6, gw6) = (IpAddr::V6(v6), IpAddr::V6(gw6));
+            self.node.addr(port, gw6, 128)?;
+            self.node.route(v6, 128, port, None)?;
+            ns.addr(ETH0, v6, 128)?;
+            ns.route(gw6, 128, ETH0, None)?;
+            ns.route(Ipv6Addr::UNSPECIFIED.into(), 0, ETH0, Some(gw6))?;
+        }
+        ns.close_netlink();
+        Ok(ns)
+    }
+
+    /// The same with `ip` commands (the reference path).
+    fn with_ip_commands(&self, name: &str) -> Result<Netns> {
+        let ns = Netns::create_with_ip(name)?;
+        let node = self.node.name();
+        let in_ns = |args: &[&str]| ip_command(&[&["-n", name], args].concat());
+        let on_node = |args: &[&str]| ip_command(&[&["-n", node], args].concat());
+        let ipv6 = self.v6.is_some();
+        if ipv6 {
+            ip_command(&[
+                "netns",
+                "exec",
+                name,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ])?;
+        }
+        in_ns(&["link", "set", "lo", "up"])?;
+        let host_if = format!("p{}", self.j);
+        on_node(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", name,
+        ])?;
+        on_node(&["link", "set", &host_if, "up"])?;
+        in_ns(&["link", "set", "eth0", "up"])?;
+        let (v4, gw) = (self.v4.to_string(), self.gw.to_string());
+        on_node(&["addr", "add", &format!("{gw}/32"), "dev", &host_if])?;
+        on_node(&["route", "add", &format!("{v4}/32"), "dev", &host_if])?;
+        in_ns(&["addr", "add", &format!("{v4}/32"), "dev", "eth0"])?;
+        in_ns(&["route", "add", &gw, "dev", "eth0"])?;
+        in_ns(&["route", "add", "default", "via", &gw, "dev", "eth0"])?;
+        if let Some((v6, gw6)) = self.v6 {
+            let (v6, gw6) = (v6.to_string(), gw6.to_string());
+            on_node(&[
+                "addr",
+                "add",
+                &format!("{gw6}/128"),
+                "dev",
+                &host_if,
+                "nodad",
+            ])?;
+            on_node(&["-6", "route", "add", &format!("{v6}/128"), "dev", &host_if])?;
+            in_ns(&["addr", "add", &format!("{v6}/128"), "dev", "eth0", "nodad"])?;
+            in_ns(&["-6", "route", "add", &gw6, "dev", "eth0"])?;
+            in_ns(&["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"])?;
+        }
+        Ok(ns)
+    }
+}
+
+/// `ip args…`, or an error with its stderr.
+fn ip_command(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (is iproute2 installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// Sends one request to the agent at `socket`, as the plugin does (one JSON request, the

@@ -115,11 +115,7 @@ pub fn run(run_id: &str, removed: &mut Removed) {
         }
     }
     for name in netns::list_with_prefix(&format!("rp-{run_id}-")) {
-        let status = std::process::Command::new("ip")
-            .args(["netns", "delete", &name])
-            .stderr(std::process::Stdio::null())
-            .status();
-        if status.is_ok_and(|s| s.success()) {
+        if netns::delete_named(&name).is_ok() {
             removed.namespaces += 1;
         }
     }

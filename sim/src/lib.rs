@@ -5,10 +5,12 @@
 //! - [`bench`]: randport against the CNI portmap plugin, on simulated nodes.
 //! - [`checks`]: what the demo verifies with traffic.
 //! - [`workload`]: the echo server in every pod.
-//! - [`netns`]: namespaces, entered on dedicated threads.
+//! - [`netns`]: namespaces and their links, addresses and routes over rtnetlink, entered on
+//!   dedicated threads.
 //! - [`down`]: cleanup of runs that crashed.
 //! - [`addresses`]: the address plan (documentation and benchmarking ranges only).
 //! - [`preview`]: the mappings randport-core decides, without a kernel.
+//! - [`scale`]: the simulator at cluster size (build, check, delete a share, teardown, rates).
 
 pub mod addresses;
 pub mod bench;
@@ -17,4 +19,5 @@ pub mod cluster;
 pub mod down;
 pub mod netns;
 pub mod preview;
+pub mod scale;
 pub mod workload;

@@ -1,15 +1,18 @@
 //! The workload in every simulated pod: on each TCP container port it greets a
 //! connection with the pod's name and then echoes lines; on each UDP port it answers
 //! every datagram with the pod's name. Sockets are made inside the pod's namespace and
-//! served by threads of the simulator; dropping the [`Workload`] closes them.
+//! served by one thread of the simulator per pod (poll over its sockets; a thread per
+//! TCP connection); dropping the [`Workload`] shuts them down and that thread closes them.
+//! A pod costs one thread and one descriptor per port, so thousands of pods fit.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, UdpSocket};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use randport_core::Protocol;
 
 use crate::netns::Netns;
@@ -18,23 +21,30 @@ use crate::netns::Netns;
 #[derive(Debug)]
 pub struct Workload {
     stop: Arc<AtomicBool>,
-    tcp: Vec<TcpListener>,
-    udp: Vec<UdpSocket>,
+    sockets: Arc<Sockets>,
 }
 
-fn shutdown(fd: BorrowedFd<'_>) {
-    // Wakes the thread blocked in accept() or recv() on this socket.
-    let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+#[derive(Debug, Default)]
+struct Sockets {
+    tcp: Vec<TcpListener>,
+    udp: Vec<UdpSocket>,
 }
 
 impl Drop for Workload {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        for l in &self.tcp {
-            shutdown(std::os::fd::AsFd::as_fd(l));
-        }
-        for s in &self.udp {
-            shutdown(std::os::fd::AsFd::as_fd(s));
+        // Wakes the thread polling these sockets (a shut-down socket polls as hung up).
+        for fd in self
+            .sockets
+            .tcp
+            .iter()
+            .map(AsFd::as_fd)
+            .chain(self.sockets.udp.iter().map(AsFd::as_fd))
+        {
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                nix::sys::socket::Shutdown::Both,
+            );
         }
     }
 }
@@ -46,68 +56,89 @@ pub fn start(ns: &Netns, name: &str, ports: &[(u16, Protocol)]) -> Result<Worklo
     let mut wanted = ports.to_vec();
     wanted.sort();
     wanted.dedup();
-    let (tcp, udp) = ns
-        .enter(
-            move || -> std::io::Result<(Vec<TcpListener>, Vec<UdpSocket>)> {
-                let mut tcp = Vec::new();
-                let mut udp = Vec::new();
-                for (port, protocol) in wanted {
-                    match protocol {
-                        // [::] is dual-stack: IPv4 clients arrive as mapped addresses.
-                        Protocol::Tcp => tcp.push(TcpListener::bind(("::", port))?),
-                        Protocol::Udp => udp.push(UdpSocket::bind(("::", port))?),
-                        Protocol::Sctp => {}
-                    }
+    let sockets = ns
+        .enter(move || -> std::io::Result<Sockets> {
+            let mut sockets = Sockets::default();
+            for (port, protocol) in wanted {
+                match protocol {
+                    // [::] is dual-stack: IPv4 clients arrive as mapped addresses.
+                    Protocol::Tcp => sockets.tcp.push(TcpListener::bind(("::", port))?),
+                    Protocol::Udp => sockets.udp.push(UdpSocket::bind(("::", port))?),
+                    Protocol::Sctp => {}
                 }
-                Ok((tcp, udp))
-            },
-        )?
+            }
+            Ok(sockets)
+        })?
         .with_context(|| format!("binding the workload's ports in {}", ns.name()))?;
-
-    let stop = Arc::new(AtomicBool::new(false));
     let workload = Workload {
-        stop: Arc::clone(&stop),
-        tcp: Vec::new(),
-        udp: Vec::new(),
+        stop: Arc::new(AtomicBool::new(false)),
+        sockets: Arc::new(sockets),
     };
-    let mut workload = workload;
-    for listener in tcp {
-        let (name, stop) = (name.to_owned(), Arc::clone(&stop));
-        workload.tcp.push(listener.try_clone()?);
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(stream) = stream else { continue };
-                let name = name.clone();
-                std::thread::spawn(move || {
-                    let Ok(mut writer) = stream.try_clone() else {
-                        return;
-                    };
-                    if writeln!(writer, "{name}").is_err() {
-                        return;
-                    }
-                    for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                        if writeln!(writer, "{line}").is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
+    if workload.sockets.tcp.is_empty() && workload.sockets.udp.is_empty() {
+        return Ok(workload);
     }
-    for socket in udp {
-        let (name, stop) = (name.to_owned(), Arc::clone(&stop));
-        workload.udp.push(socket.try_clone()?);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while !stop.load(Ordering::SeqCst) {
-                if let Ok((_, from)) = socket.recv_from(&mut buf) {
-                    let _ = socket.send_to(name.as_bytes(), from);
-                }
-            }
-        });
-    }
+    let (name, stop, sockets) = (
+        name.to_owned(),
+        Arc::clone(&workload.stop),
+        Arc::clone(&workload.sockets),
+    );
+    std::thread::Builder::new()
+        .name(format!("pod {name}"))
+        .stack_size(64 << 10)
+        .spawn(move || serve(&name, &stop, &sockets))
+        .context("starting the workload's thread")?;
     Ok(workload)
+}
+
+fn serve(name: &str, stop: &AtomicBool, sockets: &Sockets) {
+    let mut buf = [0u8; 1500];
+    while !stop.load(Ordering::SeqCst) {
+        let mut fds: Vec<PollFd<'_>> = sockets
+            .tcp
+            .iter()
+            .map(AsFd::as_fd)
+            .chain(sockets.udp.iter().map(AsFd::as_fd))
+            .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+            .collect();
+        if poll(&mut fds, PollTimeout::NONE).is_err() {
+            continue;
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let (tcp_ready, udp_ready) = ready.split_at(sockets.tcp.len());
+        for (listener, _) in sockets.tcp.iter().zip(tcp_ready).filter(|(_, r)| **r) {
+            if let Ok((stream, _)) = listener.accept() {
+                let name = name.to_owned();
+                let _ = std::thread::Builder::new()
+                    .stack_size(64 << 10)
+                    .spawn(move || echo(&name, stream));
+            }
+        }
+        for (socket, _) in sockets.udp.iter().zip(udp_ready).filter(|(_, r)| **r) {
+            if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(name.as_bytes(), from);
+            }
+        }
+    }
+}
+
+/// One TCP connection: the pod's name, then every line back.
+fn echo(name: &str, stream: TcpStream) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    if writeln!(writer, "{name}").is_err() {
+        return;
+    }
+    for line in BufReader::new(stream).lines().map_while(Result::ok) {
+        if writeln!(writer, "{line}").is_err() {
+            break;
+        }
+    }
 }
