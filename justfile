@@ -8,6 +8,10 @@ default:
 demo *ARGS:
     ci/demo.sh {{ARGS}}
 
+# The simulator at cluster scale (root): 512 and 5,120 pods, netlink wiring against the ip-exec path, a table of rates.
+sim-scale *ARGS:
+    ci/sim-scale.sh {{ARGS}}
+
 # Everything that can run here: workflow schema, shellcheck, fmt, clippy -D warnings, doctests, fuzz smoke, nextest, and the e2e tests on a real local node where the Kubernetes binaries are.
 test:
     ci/test.sh

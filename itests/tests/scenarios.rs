@@ -637,6 +637,55 @@ fn pods_wired_over_netlink_look_exactly_like_pods_wired_with_ip_commands() {
     assert_eq!(netlink_node, ip_node, "the node's side");
 }
 
+#[test]
+fn a_pod_whose_add_fails_leaves_no_namespace_veth_or_pod_object() {
+    if !root_or_skip("a_pod_whose_add_fails_leaves_no_namespace_veth_or_pod_object") {
+        return;
+    }
+    let mut c = cluster(1, false, "nftables");
+    c.add_pod(PodSpec::echo("fail", "echo-ok", 0)).unwrap();
+    let held_before = net_namespaces_held_by(std::process::id());
+    // With its agent gone the plugin's ADD fails, after the pod was wired.
+    c.kill_agent(0);
+    let err = c
+        .add_pod(PodSpec::echo("fail", "echo-doomed", 0))
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("ADD of pod fail/echo-doomed failed"),
+        "{err:#}"
+    );
+    assert_eq!(
+        net_namespaces_held_by(std::process::id()),
+        held_before,
+        "the failed pod's namespace is no longer held"
+    );
+    assert!(c.pod("echo-doomed").is_err());
+    assert!(
+        !c.nodes[0].dir.join("pods/fail/echo-doomed.json").exists(),
+        "the Pod object went with it"
+    );
+    // The kernel removes the namespace, and with it the veth, in the background.
+    let started = std::time::Instant::now();
+    loop {
+        let links = c.nodes[0]
+            .ns
+            .run_ok("ip", &["-o", "link", "show"], "")
+            .unwrap();
+        if !links.contains(" p1@") {
+            assert!(
+                links.contains(" p0@"),
+                "the first pod's veth stays: {links}"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the failed pod's veth p1 is still on its node: {links}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// The network namespaces (nsfs inodes) process `pid` holds by a descriptor.
 fn net_namespaces_held_by(pid: u32) -> std::collections::BTreeSet<String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
