@@ -264,6 +264,9 @@ fn run(program: &str, args: &[&str], input: &str) -> Result<String, String> {
 pub struct NftFirewall {
     table: String,
     options: nft::NftOptions,
+    /// The table's shape (chains, sets, rules; no elements) as read right after this
+    /// backend last loaded it whole: what the watchdog compares with.
+    loaded: std::sync::Arc<std::sync::Mutex<Option<crate::netlink::TableShape>>>,
 }
 
 impl NftFirewall {
@@ -277,6 +280,7 @@ impl NftFirewall {
         NftFirewall {
             table: table.to_owned(),
             options,
+            loaded: std::sync::Arc::default(),
         }
     }
 
@@ -297,6 +301,64 @@ impl NftFirewall {
         }
     }
 
+    fn loaded(&self) -> std::sync::MutexGuard<'_, Option<crate::netlink::TableShape>> {
+        self.loaded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The table's shape now, None when it cannot be read in one go.
+    fn shape(&self) -> Result<Option<crate::netlink::TableShape>, FirewallError> {
+        use crate::netlink::ShapeRead;
+        match crate::netlink::nft_table_shape(&self.table) {
+            Ok(ShapeRead::Shape(shape)) => Ok(Some(shape)),
+            Ok(ShapeRead::Interrupted) => Ok(None),
+            Err(e) => Err(self.err(
+                format!(
+                    "reading the chains, sets and rules of table inet {}",
+                    self.table
+                ),
+                e.to_string(),
+            )),
+        }
+    }
+
+    /// The intact check by a terse listing, compared with the rendered rules as text:
+    /// used until this backend has loaded the table itself (an agent that found its table
+    /// in place at start).
+    fn intact_by_listing(&self) -> Result<bool, FirewallError> {
+        // A terse listing prints no set contents, but nft still reads every element and
+        // lists again while the ruleset changes: fine once, not under churn.
+        let text = match run("nft", &["-t", "list", "table", "inet", &self.table], "") {
+            Ok(text) => text,
+            Err(reason) if reason.contains("No such file or directory") => return Ok(false),
+            Err(reason) => {
+                return Err(self.err(format!("listing table inet {}", self.table), reason));
+            }
+        };
+        let expected = nft::ruleset_with(&self.table, &[], self.options);
+        let rules = expected.lines().map(str::trim).filter(|l| {
+            l.contains("goto hostports") || l.contains(" map @") || l.contains("masquerade")
+        });
+        // The guard's rule carries a counter, which a listing prints with its values.
+        if self.options.localhost && !text.contains("chain localhost_guard") {
+            return Ok(false);
+        }
+        let sets = [
+            "map hostipports4",
+            "map hostipports6",
+            "map hostports4",
+            "map hostports6",
+            "set hairpin4",
+            "set hairpin6",
+        ];
+        Ok(sets.iter().all(|s| text.contains(s))
+            && rules
+                .map(|r| {
+                    r.replace("meta nfproto ipv4 ", "")
+                        .replace("meta nfproto ipv6 ", "")
+                })
+                .all(|r| text.contains(&r)))
+    }
+
     fn listing(&self) -> Result<Option<String>, FirewallError> {
         match run("nft", &["list", "table", "inet", &self.table], "") {
             Ok(text) => Ok(Some(text)),
@@ -312,6 +374,7 @@ impl Firewall for NftFirewall {
     }
 
     fn replace_all(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
+        *self.loaded() = None;
         self.apply(
             format!(
                 "rebuilding table inet {} ({} sandboxes)",
@@ -319,7 +382,11 @@ impl Firewall for NftFirewall {
                 records.len()
             ),
             &nft::ruleset_with(&self.table, records, self.options),
-        )
+        )?;
+        // What we loaded, as the kernel describes it: the watchdog's reference. (If it
+        // cannot be read now, the next check lists the table instead.)
+        *self.loaded() = self.shape().ok().flatten();
+        Ok(())
     }
 
     fn add(&self, record: &SandboxRecord) -> Result<(), FirewallError> {
@@ -364,42 +431,31 @@ impl Firewall for NftFirewall {
     }
 
     fn intact(&self, _records: &[SandboxRecord]) -> Result<bool, FirewallError> {
-        // A terse listing (no set contents) costs the same at any number of mappings; it
-        // catches a deleted table, a flushed table or ruleset and a deleted chain. A lost
-        // element is what CHECK (`verify`) finds.
-        let text = match run("nft", &["-t", "list", "table", "inet", &self.table], "") {
-            Ok(text) => text,
-            Err(reason) if reason.contains("No such file or directory") => return Ok(false),
-            Err(reason) => {
-                return Err(self.err(format!("listing table inet {}", self.table), reason));
+        // Three netlink dumps (chains, sets, rules: no elements, read once) against what
+        // was there right after our last whole load; they cost the same at any number of
+        // mappings and while mappings come and go. They catch a deleted table, a flushed
+        // table or ruleset, a deleted or changed chain, set or rule. A lost element is what
+        // CHECK (`verify`) finds.
+        let reference = self.loaded().clone();
+        let Some(reference) = reference else {
+            let intact = self.intact_by_listing()?;
+            if intact {
+                *self.loaded() = self.shape().ok().flatten();
             }
+            return Ok(intact);
         };
-        let expected = nft::ruleset_with(&self.table, &[], self.options);
-        let rules = expected.lines().map(str::trim).filter(|l| {
-            l.contains("goto hostports") || l.contains(" map @") || l.contains("masquerade")
-        });
-        // The guard's rule carries a counter, which a listing prints with its values.
-        if self.options.localhost && !text.contains("chain localhost_guard") {
-            return Ok(false);
+        match self.shape() {
+            Ok(Some(now)) => Ok(now == reference),
+            // The ruleset changed while the kernel answered: the generation moved, so the
+            // watchdog checks again on its next round.
+            Ok(None) => Ok(true),
+            // Netlink refused (it should not, with the agent's capabilities): list instead.
+            Err(_) => self.intact_by_listing(),
         }
-        let sets = [
-            "map hostipports4",
-            "map hostipports6",
-            "map hostports4",
-            "map hostports6",
-            "set hairpin4",
-            "set hairpin6",
-        ];
-        Ok(sets.iter().all(|s| text.contains(s))
-            && rules
-                .map(|r| {
-                    r.replace("meta nfproto ipv4 ", "")
-                        .replace("meta nfproto ipv6 ", "")
-                })
-                .all(|r| text.contains(&r)))
     }
 
     fn teardown(&self) -> Result<(), FirewallError> {
+        *self.loaded() = None;
         self.apply(
             format!("deleting table inet {}", self.table),
             &nft::teardown(&self.table),

@@ -120,3 +120,69 @@ fn iptables_backend_on_the_kernel() {
         );
     }
 }
+
+/// The watchdog's check of the nftables table reads its chains, sets and rules with
+/// netlink dumps and compares them with what it read right after loading the table:
+/// elements coming and going do not count, any change to a chain, set or rule does.
+#[test]
+fn the_nftables_check_compares_chains_sets_and_rules_not_elements() {
+    if !root_and_tools_or_skip(
+        "the_nftables_check_compares_chains_sets_and_rules_not_elements",
+        &["nft"],
+    ) {
+        return;
+    }
+    let ns = test_netns("fwshape");
+    let fw = NftFirewall::new("randport");
+    let intact = |fw: &NftFirewall| {
+        let fw = fw.clone();
+        ns.inside(move || fw.intact(&[])).unwrap()
+    };
+    let load = |fw: &NftFirewall| {
+        let fw = fw.clone();
+        ns.inside(move || fw.replace_all(&[])).unwrap();
+    };
+    load(&fw);
+    assert!(intact(&fw), "intact right after the load");
+    // Elements come and go: still the same table.
+    let all = examples::all();
+    let (f, records) = (fw.clone(), all.clone());
+    ns.inside(move || f.add_many(&records)).unwrap();
+    assert!(intact(&fw), "elements added");
+    let (f, one) = (fw.clone(), all[0].clone());
+    ns.inside(move || f.remove(&one, &[])).unwrap();
+    assert!(intact(&fw), "elements removed");
+    // Each kind of damage is seen, and a rebuild makes the table intact again.
+    let damages: [&[&str]; 5] = [
+        &["flush", "table", "inet", "randport"],
+        &["flush", "chain", "inet", "randport", "prerouting"],
+        &["add", "rule", "inet", "randport", "hostports", "accept"],
+        &[
+            "insert",
+            "rule",
+            "inet",
+            "randport",
+            "postrouting",
+            "counter",
+        ],
+        &["delete", "table", "inet", "randport"],
+    ];
+    for damage in damages {
+        ns.sh("nft", damage, "");
+        assert!(!intact(&fw), "nft {} went unnoticed", damage.join(" "));
+        load(&fw);
+        assert!(
+            intact(&fw),
+            "intact after the rebuild that followed nft {}",
+            damage.join(" ")
+        );
+    }
+    // A backend that did not load the table itself (an agent restarted with its table in
+    // place) checks by listing once, then by shape.
+    let fresh = NftFirewall::new("randport");
+    assert!(intact(&fresh), "found intact by listing");
+    ns.sh("nft", &["flush", "chain", "inet", "randport", "output"], "");
+    assert!(!intact(&fresh), "then damage is seen by shape");
+    let other = NftFirewall::new("randport");
+    assert!(!intact(&other), "and by listing");
+}

@@ -39,6 +39,10 @@ pub struct BenchSpec {
     pub conn_sizes: Vec<usize>,
     /// Concurrent ADDs.
     pub concurrent: usize,
+    /// Mappings at which the churn is measured (nftables backend).
+    pub churn_sizes: Vec<usize>,
+    /// Seconds of back-to-back ADD+DEL pairs per churn measurement.
+    pub churn_seconds: f64,
 }
 
 impl Default for BenchSpec {
@@ -50,6 +54,8 @@ impl Default for BenchSpec {
             conn_seconds: 2.0,
             conn_sizes: vec![1, 1000, 5000],
             concurrent: 100,
+            churn_sizes: vec![1000, 5000],
+            churn_seconds: 60.0,
         }
     }
 }
@@ -126,6 +132,25 @@ pub struct Report {
     pub restarts: Vec<(String, usize, Duration)>,
     /// Concurrent ADDs: (plugin, latency, duplicates found).
     pub concurrent: Vec<(String, Percentiles, usize)>,
+    /// The agent under churn.
+    pub churn: Vec<ChurnRow>,
+}
+
+/// The agent while pods come and go back to back.
+#[derive(Debug, Clone)]
+pub struct ChurnRow {
+    /// The backend.
+    pub backend: String,
+    /// Mappings on the node.
+    pub mappings: usize,
+    /// ADD+DEL pairs done.
+    pub pairs: usize,
+    /// How long.
+    pub seconds: f64,
+    /// The agent's CPU (its own and the tools it ran), % of one core.
+    pub cpu_percent: f64,
+    /// With a flush of the table half-way: how long until the watchdog had restored it.
+    pub repair: Option<Duration>,
 }
 
 /// Runs `program` with `env` and `stdin` from a thread inside `ns`; (success, stdout, wall time).
@@ -403,6 +428,13 @@ fn measure_add_del(
 /// The agent's CPU use while idle, in % of one core over `window`: its own time and its
 /// waited-for children's (the iptables backend's watchdog runs `iptables-save`).
 fn idle_cpu_percent(pid: u32, window: Duration) -> Result<f64> {
+    let before = cpu_seconds(pid)?;
+    std::thread::sleep(window);
+    Ok((cpu_seconds(pid)? - before) / window.as_secs_f64() * 100.0)
+}
+
+/// The CPU time of process `pid` and of its waited-for children (the tools it ran), s.
+fn cpu_seconds(pid: u32) -> Result<f64> {
     let ticks = || -> Result<u64> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         // After the command name: field 3 (state) first, so utime..cstime (14..17) are
@@ -426,10 +458,77 @@ fn idle_cpu_percent(pid: u32, window: Duration) -> Result<f64> {
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(100.0);
-    let before = ticks()?;
-    std::thread::sleep(window);
-    let after = ticks()?;
-    Ok((after - before) as f64 / hz / window.as_secs_f64() * 100.0)
+    Ok(ticks()? as f64 / hz)
+}
+
+/// Back-to-back ADD+DEL pairs of one light pod for `spec.churn_seconds` on a node with
+/// `have` mappings: the agent's CPU; with `flush`, the table is flushed half-way and the
+/// time until the watchdog has restored it is taken (polled every 20 ms from the node).
+fn churn_row(
+    c: &Cluster,
+    plugin: &dyn Plugin,
+    backend: &str,
+    spec: &BenchSpec,
+    index: usize,
+    have: usize,
+    flush: bool,
+) -> Result<ChurnRow> {
+    let pid = c.nodes[0].agent_pid().context("agent pid")?;
+    let deadline = Duration::from_secs_f64(spec.churn_seconds);
+    let cpu_before = cpu_seconds(pid)?;
+    let started = Instant::now();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (pairs, repair) = std::thread::scope(|scope| -> Result<(usize, Option<Duration>)> {
+        let flusher = flush.then(|| {
+            scope.spawn(|| -> Result<Duration> {
+                std::thread::sleep(deadline / 2);
+                let node = &c.nodes[0].ns;
+                node.run_ok("nft", &["flush", "table", "inet", "randport"], "")?;
+                let flushed = Instant::now();
+                loop {
+                    let chain = node.run_ok(
+                        "nft",
+                        &["list", "chain", "inet", "randport", "prerouting"],
+                        "",
+                    );
+                    if chain.is_ok_and(|text| text.contains("goto hostports")) {
+                        return Ok(flushed.elapsed());
+                    }
+                    if flushed.elapsed() > Duration::from_secs(30)
+                        || stop.load(std::sync::atomic::Ordering::SeqCst)
+                    {
+                        bail!("the flushed table was not restored within 30 s");
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        });
+        let mut pairs = 0;
+        while started.elapsed() < deadline {
+            plugin.add(c, index)?;
+            plugin.del(c, index)?;
+            pairs += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let repair = match flusher {
+            Some(handle) => Some(
+                handle
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the flushing thread panicked"))??,
+            ),
+            None => None,
+        };
+        Ok((pairs, repair))
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(ChurnRow {
+        backend: backend.into(),
+        mappings: have,
+        pairs,
+        seconds,
+        cpu_percent: (cpu_seconds(pid)? - cpu_before) / seconds * 100.0,
+        repair,
+    })
 }
 
 /// RSS and idle CPU of the agent, for the memory table. The CPU window starts 2.5 s after
@@ -522,6 +621,7 @@ fn sweep(
         .sizes
         .iter()
         .chain(&spec.conn_sizes)
+        .chain(&spec.churn_sizes)
         .copied()
         .filter(|s| *s >= 1 && *s <= max)
         .collect();
@@ -536,6 +636,24 @@ fn sweep(
             ));
             next_light = fill(c, plugin, next_light, next_light + (size - have), progress)?;
             have = size;
+        }
+        if let (Some(backend), true) = (memory_of, spec.churn_sizes.contains(&size)) {
+            if backend == "nftables" {
+                progress(&format!(
+                    "{}: {:.0} s of back-to-back ADD+DEL at {have} mappings{}",
+                    plugin.name(),
+                    spec.churn_seconds,
+                    if size == *spec.churn_sizes.iter().max().unwrap_or(&0) {
+                        ", the table flushed half-way"
+                    } else {
+                        ""
+                    }
+                ));
+                let flush = size == *spec.churn_sizes.iter().max().unwrap_or(&0);
+                report.churn.push(churn_row(
+                    c, plugin, backend, spec, samples_at, have, flush,
+                )?);
+            }
         }
         if spec.sizes.contains(&size) {
             latency_row(c, plugin, spec, samples_at, have, report, progress)?;
@@ -830,6 +948,27 @@ pub fn markdown(report: &Report, command: &str, spec: &BenchSpec) -> String {
     for (backend, n, t) in &report.restarts {
         let _ = writeln!(out, "| {backend} | {n} | {:.0} |", t.as_secs_f64() * 1000.0);
     }
+    let _ = writeln!(
+        out,
+        "\n**The agent under churn: one pod's ADD+DEL back to back for {:.0} s (nftables; CPU of the agent and the tools it runs)**\n",
+        spec.churn_seconds
+    );
+    let _ = writeln!(
+        out,
+        "| backend | mappings | pairs/s | agent CPU, % of a core | a flush half-way restored after |\n| --- | ---: | ---: | ---: | ---: |"
+    );
+    for r in &report.churn {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} | {:.1} | {} |",
+            r.backend,
+            r.mappings,
+            r.pairs as f64 / r.seconds,
+            r.cpu_percent,
+            r.repair
+                .map_or("-".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()))
+        );
+    }
     let _ = writeln!(out, "\n**{} concurrent ADDs**\n", spec.concurrent);
     let _ = writeln!(
         out,
@@ -907,6 +1046,14 @@ mod tests {
             memory: vec![("nftables".into(), 5000, 12.5, 0.3)],
             restarts: vec![("nftables".into(), 5000, Duration::from_millis(800))],
             concurrent: vec![("randport (nftables)".into(), p, 0)],
+            churn: vec![ChurnRow {
+                backend: "nftables".into(),
+                mappings: 5000,
+                pairs: 600,
+                seconds: 60.0,
+                cpu_percent: 9.5,
+                repair: Some(Duration::from_millis(1250)),
+            }],
         };
         let text = markdown(&report, "just bench", &BenchSpec::default());
         for needle in [
@@ -915,6 +1062,7 @@ mod tests {
             "| nftables | 5000 | 12.5 | 0.3 |",
             "| nftables | 5000 | 800 |",
             "| randport (nftables) | 2.0 | 2.0 | 2.0 | 0 |",
+            "| nftables | 5000 | 10.0 | 9.5 | 1.25 s |",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }

@@ -401,6 +401,8 @@ fn bench(args: &[String]) -> Result<()> {
                     conn_seconds: 0.5,
                     conn_sizes: vec![1, 100],
                     concurrent: 100,
+                    churn_sizes: vec![100],
+                    churn_seconds: 4.0,
                 }
             }
             "--out" => out = Some(it.next().context("--out needs a file")?.into()),
