@@ -10,7 +10,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 export RUSTC_BOOTSTRAP=1
 cd fuzz || exit 1
-for target in annotation_decode cni_config agent_request; do
+for target in annotation_decode cni_config agent_request nft_netlink_replies; do
     step "fuzzing $target for ${seconds}s"
     cargo fuzz run "$target" -- -max_total_time="$seconds" -timeout=10
 done

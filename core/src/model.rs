@@ -35,6 +35,15 @@ impl Protocol {
         }
     }
 
+    /// The IP protocol number (what nftables stores for an `inet_proto`).
+    pub fn ip_number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
     /// The lower-case spelling used by nft, iptables and CNI `portMappings`.
     pub fn as_lower(self) -> &'static str {
         match self {

@@ -9,6 +9,8 @@ use std::sync::Mutex;
 use randport_core::render::{iptables, nft};
 use randport_core::{IpFamily, SandboxId, SandboxRecord};
 
+use crate::nft_elements::{self, Op};
+
 /// A firewall change that failed.
 #[derive(Debug, thiserror::Error)]
 #[error("{backend}: {what} failed: {reason}")]
@@ -321,6 +323,14 @@ impl NftFirewall {
         }
     }
 
+    /// The table's shape now if it has every chain, set and rule of ours: someone may
+    /// have flushed or changed it between our load and this reading, and a reference
+    /// taken then would make the damage look normal.
+    fn whole_shape(&self) -> Option<crate::netlink::TableShape> {
+        let shape = self.shape().ok().flatten()?;
+        (shape.counts() == nft::object_counts(self.options)).then_some(shape)
+    }
+
     /// The intact check by a terse listing, compared with the rendered rules as text:
     /// used until this backend has loaded the table itself (an agent that found its table
     /// in place at start).
@@ -385,26 +395,24 @@ impl Firewall for NftFirewall {
         )?;
         // What we loaded, as the kernel describes it: the watchdog's reference. (If it
         // cannot be read now, the next check lists the table instead.)
-        *self.loaded() = self.shape().ok().flatten();
+        *self.loaded() = self.whole_shape();
         Ok(())
     }
 
     fn add(&self, record: &SandboxRecord) -> Result<(), FirewallError> {
-        self.apply(
-            format!("adding mappings of pod {}", record.pod),
-            &nft::add_sandbox(&self.table, record),
-        )
+        self.add_many(std::slice::from_ref(record))
     }
 
     fn add_many(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
-        let text: String = records
-            .iter()
-            .map(|r| nft::add_sandbox(&self.table, r))
-            .collect();
-        self.apply(
-            format!("adding the mappings of {} pods", records.len()),
-            &text,
-        )
+        let elements: Vec<nft::SetElement> = records.iter().flat_map(nft::elements).collect();
+        let ops: Vec<(Op, &nft::SetElement)> = elements.iter().map(|e| (Op::Add, e)).collect();
+        nft_elements::apply(&self.table, &ops).map_err(|e| {
+            let what = match records {
+                [one] => format!("adding mappings of pod {}", one.pod),
+                _ => format!("adding the mappings of {} pods", records.len()),
+            };
+            self.err(what, e.to_string())
+        })
     }
 
     fn remove(
@@ -412,10 +420,9 @@ impl Firewall for NftFirewall {
         record: &SandboxRecord,
         remaining: &[SandboxRecord],
     ) -> Result<(), FirewallError> {
-        match self.apply(
-            format!("removing mappings of pod {}", record.pod),
-            &nft::remove_sandbox(&self.table, record),
-        ) {
+        let elements = nft::elements(record);
+        let ops: Vec<(Op, &nft::SetElement)> = elements.iter().map(|e| (Op::Remove, e)).collect();
+        match nft_elements::apply(&self.table, &ops) {
             Ok(()) => Ok(()),
             // Some element now maps elsewhere, or the table is gone: rebuild without it.
             Err(_) => self.replace_all(remaining),
@@ -440,7 +447,7 @@ impl Firewall for NftFirewall {
         let Some(reference) = reference else {
             let intact = self.intact_by_listing()?;
             if intact {
-                *self.loaded() = self.shape().ok().flatten();
+                *self.loaded() = self.whole_shape();
             }
             return Ok(intact);
         };

@@ -21,6 +21,7 @@ pub mod kube_pods;
 pub mod kubectl;
 pub mod metrics;
 pub mod netlink;
+pub mod nft_elements;
 pub mod node_ports;
 pub mod offline;
 pub mod pods;

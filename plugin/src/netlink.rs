@@ -38,7 +38,7 @@ pub(crate) fn messages(buf: &[u8]) -> Vec<(u16, &[u8])> {
 }
 
 /// The messages in a buffer: (type, flags, body after the netlink header).
-pub(crate) fn messages_with_flags(mut buf: &[u8]) -> Vec<(u16, u16, &[u8])> {
+pub fn messages_with_flags(mut buf: &[u8]) -> Vec<(u16, u16, &[u8])> {
     let mut out = Vec::new();
     while buf.len() >= 16 {
         let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
@@ -56,7 +56,7 @@ pub(crate) fn messages_with_flags(mut buf: &[u8]) -> Vec<(u16, u16, &[u8])> {
 }
 
 /// The attributes in `buf`: (type without flag bits, whole attribute, payload).
-pub(crate) fn attrs(mut buf: &[u8]) -> Vec<(u16, &[u8], &[u8])> {
+pub fn attrs(mut buf: &[u8]) -> Vec<(u16, &[u8], &[u8])> {
     let mut out = Vec::new();
     while buf.len() >= 4 {
         let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
@@ -173,6 +173,18 @@ pub struct TableShape {
     pub objects: Vec<(u16, Vec<u8>)>,
 }
 
+impl TableShape {
+    /// How many chains, sets and rules it has.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let of = |kind: u16| self.objects.iter().filter(|(k, _)| *k == kind).count();
+        (
+            of(NFT_MSG_NEWCHAIN),
+            of(NFT_MSG_NEWSET),
+            of(NFT_MSG_NEWRULE),
+        )
+    }
+}
+
 /// The outcome of reading a table's shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ShapeRead {
@@ -184,7 +196,7 @@ pub enum ShapeRead {
 
 /// Keeps the attributes of one chain, set or rule that describe it, dropping handles,
 /// positions, counters, a set's element count and the values of counter expressions.
-fn shape_of(kind: u16, body: &[u8]) -> Vec<u8> {
+pub fn shape_of(kind: u16, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     for (attr_kind, whole, payload) in attrs(body.get(4..).unwrap_or_default()) {
         let dropped = match kind {

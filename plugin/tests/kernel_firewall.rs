@@ -186,3 +186,99 @@ fn the_nftables_check_compares_chains_sets_and_rules_not_elements() {
     let other = NftFirewall::new("randport");
     assert!(!intact(&other), "and by listing");
 }
+
+/// Element additions and removals go to the kernel as netlink batches; the table they
+/// leave must be the one `nft -f` of the rendered text leaves, element for element,
+/// comments included.
+#[test]
+fn netlink_element_batches_leave_the_table_nft_f_of_the_rendered_text_leaves() {
+    if !root_and_tools_or_skip(
+        "netlink_element_batches_leave_the_table_nft_f_of_the_rendered_text_leaves",
+        &["nft"],
+    ) {
+        return;
+    }
+    use randport_core::render::nft;
+    use randport_plugin::nft_elements::{self, BatchError, Op};
+    let by_netlink = test_netns("nlbatch");
+    let by_text = test_netns("nfttext");
+    let all = examples::all();
+    let fw = NftFirewall::new("randport");
+    let list =
+        |ns: &randport_itests::Netns| ns.sh("nft", &["list", "table", "inet", "randport"], "");
+
+    let (f, records) = (fw.clone(), all.clone());
+    by_netlink.inside(move || {
+        f.replace_all(&[]).unwrap();
+        f.add_many(&records).unwrap();
+    });
+    by_text.sh("nft", &["-f", "-"], &nft::ruleset("randport", &[]));
+    let added: String = all
+        .iter()
+        .map(|r| nft::add_sandbox("randport", r))
+        .collect();
+    by_text.sh("nft", &["-f", "-"], &added);
+    let text = list(&by_text);
+    assert!(
+        text.contains("comment \"sb:"),
+        "elements with their comments:\n{text}"
+    );
+    assert_eq!(
+        list(&by_netlink),
+        text,
+        "after adding every example sandbox"
+    );
+
+    // Removing one sandbox, twice (the second finds its elements gone).
+    for _ in 0..2 {
+        let (f, one) = (fw.clone(), all[1].clone());
+        by_netlink.inside(move || f.remove(&one, &[])).unwrap();
+    }
+    by_text.sh(
+        "nft",
+        &["-f", "-"],
+        &nft::remove_sandbox("randport", &all[1]),
+    );
+    assert_eq!(
+        list(&by_netlink),
+        list(&by_text),
+        "after removing one sandbox"
+    );
+
+    // A removal whose key now maps elsewhere is refused whole and changes nothing.
+    let before = list(&by_netlink);
+    let mut elements = nft::elements(&all[0]);
+    let moved = elements
+        .iter_mut()
+        .find(|e| e.value.is_some())
+        .expect("the first example maps a port");
+    moved.value = Some(vec![
+        nft::Field::Ip("198.18.7.7".parse().unwrap()),
+        nft::Field::Port(1),
+    ]);
+    let ops: Vec<(Op, nft::SetElement)> = elements.into_iter().map(|e| (Op::Remove, e)).collect();
+    let refused = by_netlink
+        .inside(move || {
+            let ops: Vec<(Op, &nft::SetElement)> = ops.iter().map(|(o, e)| (*o, e)).collect();
+            nft_elements::apply("randport", &ops)
+        })
+        .unwrap_err();
+    assert!(
+        matches!(refused, BatchError::Refused { .. }),
+        "refused by the kernel: {refused}"
+    );
+    assert!(
+        refused.to_string().contains("add element inet randport"),
+        "{refused}"
+    );
+    assert_eq!(list(&by_netlink), before, "a refused batch changes nothing");
+
+    // With the table gone, an addition is refused with ENOENT (the agent rebuilds).
+    by_netlink.sh("nft", &["delete", "table", "inet", "randport"], "");
+    let (f, one) = (fw.clone(), all[0].clone());
+    let err = by_netlink.inside(move || f.add(&one)).unwrap_err();
+    assert!(
+        err.to_string().contains("No such file or directory"),
+        "{err}"
+    );
+}

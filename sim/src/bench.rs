@@ -598,7 +598,51 @@ fn latency_row(
         add: percentiles(&adds),
         del: percentiles(&dels),
     });
+    if plugin.name() == "randport (nftables)" {
+        // The floor on this kernel: one element added and deleted with a bare nft exec,
+        // in the same table, same run.
+        let (adds, dels) = bare_nft(c, spec.samples)?;
+        report.latency.push(LatencyRow {
+            plugin: BARE_NFT.into(),
+            existing,
+            add: percentiles(&adds),
+            del: percentiles(&dels),
+        });
+    }
     Ok(())
+}
+
+/// The latency table's name for a bare `nft add element` / `nft delete element`.
+pub const BARE_NFT: &str = "bare `nft add/delete element`";
+
+/// `samples` elements (ports outside the agent's range) added and deleted in our table on
+/// node 0, each with one `nft` exec from a thread in the node: (add times, delete times).
+fn bare_nft(c: &Cluster, samples: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let (mut adds, mut dels) = (Vec::new(), Vec::new());
+    for s in 0..samples {
+        let port = 10_000 + s;
+        for (verb, value, times) in [
+            ("add", " : 198.18.31.1 . 80", &mut adds),
+            ("delete", "", &mut dels),
+        ] {
+            let element = format!("hostports4 {{ tcp . {port}{value} }}");
+            let args = format!("{verb} element inet randport {element}");
+            let (ok, took) = c.nodes[0].ns.enter(move || {
+                let started = Instant::now();
+                let status = Command::new("nft")
+                    .args(args.split(' '))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+                (status.is_ok_and(|s| s.success()), started.elapsed())
+            })?;
+            if !ok {
+                bail!("nft {verb} element inet randport {element} failed");
+            }
+            times.push(took);
+        }
+    }
+    Ok((adds, dels))
 }
 
 /// Fills node 0 size by size (the sizes of `spec` up to `max`, the real target pod counting

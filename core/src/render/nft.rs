@@ -15,22 +15,63 @@
 //! its value before deleting it, so it succeeds when the element is already gone and fails
 //! (changing nothing) when the key now maps somewhere else.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
-use crate::model::{IpFamily, SandboxRecord};
+use crate::model::{IpFamily, Protocol, SandboxRecord};
 use crate::render::{Dnat, dnats, hairpin_ips};
 
 /// The default table name.
 pub const DEFAULT_TABLE: &str = "randport";
 
-/// One element of one of our maps or sets.
+/// One field of a set element's key or value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// An `ipv4_addr` or `ipv6_addr`.
+    Ip(IpAddr),
+    /// An `inet_proto`.
+    Proto(Protocol),
+    /// An `inet_service`.
+    Port(u16),
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Field::Ip(ip) => write!(f, "{ip}"),
+            Field::Proto(p) => f.write_str(p.as_lower()),
+            Field::Port(port) => write!(f, "{port}"),
+        }
+    }
+}
+
+/// One element of one of our maps or sets, as data: what `nft -f` is given as text and
+/// what the agent sends the kernel as a netlink message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Element {
-    set: &'static str,
-    key: String,
-    value: Option<String>,
-    tag: String,
+pub struct SetElement {
+    /// The map or set (one of [`SETS`]).
+    pub set: &'static str,
+    /// The key, field by field (a concatenation).
+    pub key: Vec<Field>,
+    /// The value, for maps.
+    pub value: Option<Vec<Field>>,
+    /// The sandbox's tag, written as the element's comment.
+    pub tag: String,
+}
+
+fn joined(fields: &[Field]) -> String {
+    fields
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" . ")
+}
+
+impl SetElement {
+    /// The key as nft writes it (`tcp . 24427`).
+    pub fn key_text(&self) -> String {
+        joined(&self.key)
+    }
 }
 
 fn suffix(ip: &IpAddr) -> &'static str {
@@ -40,9 +81,8 @@ fn suffix(ip: &IpAddr) -> &'static str {
     }
 }
 
-fn dnat_element(tag: &str, d: Dnat<'_>) -> Element {
+fn dnat_element(tag: &str, d: Dnat<'_>) -> SetElement {
     let m = d.mapping;
-    let proto = m.protocol.as_lower();
     let (set, key) = match m.host_ip {
         Some(host_ip) => (
             if suffix(&host_ip) == "4" {
@@ -50,7 +90,11 @@ fn dnat_element(tag: &str, d: Dnat<'_>) -> Element {
             } else {
                 "hostipports6"
             },
-            format!("{host_ip} . {proto} . {}", m.host_port),
+            vec![
+                Field::Ip(host_ip),
+                Field::Proto(m.protocol),
+                Field::Port(m.host_port),
+            ],
         ),
         None => (
             if suffix(&d.pod_ip) == "4" {
@@ -58,47 +102,48 @@ fn dnat_element(tag: &str, d: Dnat<'_>) -> Element {
             } else {
                 "hostports6"
             },
-            format!("{proto} . {}", m.host_port),
+            vec![Field::Proto(m.protocol), Field::Port(m.host_port)],
         ),
     };
-    Element {
+    SetElement {
         set,
         key,
-        value: Some(format!("{} . {}", d.pod_ip, m.container_port)),
+        value: Some(vec![Field::Ip(d.pod_ip), Field::Port(m.container_port)]),
         tag: tag.to_owned(),
     }
 }
 
-fn elements(record: &SandboxRecord) -> Vec<Element> {
+/// Every element one sandbox owns in our maps and sets: its DNATs, then its hairpin pairs.
+pub fn elements(record: &SandboxRecord) -> Vec<SetElement> {
     let tag = record.sandbox.tag();
-    let mut out: Vec<Element> = dnats(record).map(|d| dnat_element(&tag, d)).collect();
-    out.extend(hairpin_ips(record).into_iter().map(|ip| Element {
+    let mut out: Vec<SetElement> = dnats(record).map(|d| dnat_element(&tag, d)).collect();
+    out.extend(hairpin_ips(record).into_iter().map(|ip| SetElement {
         set: if suffix(&ip) == "4" {
             "hairpin4"
         } else {
             "hairpin6"
         },
-        key: format!("{ip} . {ip}"),
+        key: vec![Field::Ip(ip), Field::Ip(ip)],
         value: None,
         tag: tag.clone(),
     }));
     out
 }
 
-fn element_text(e: &Element, with_comment: bool) -> String {
+fn element_text(e: &SetElement, with_comment: bool) -> String {
     let comment = if with_comment {
         format!(" comment \"{}\"", e.tag)
     } else {
         String::new()
     };
     match &e.value {
-        Some(value) => format!("{}{comment} : {value}", e.key),
-        None => format!("{}{comment}", e.key),
+        Some(value) => format!("{}{comment} : {}", e.key_text(), joined(value)),
+        None => format!("{}{comment}", e.key_text()),
     }
 }
 
 /// Our maps and sets: name, declared type, what it holds.
-const SETS: [(&str, &str, &str); 6] = [
+pub const SETS: [(&str, &str, &str); 6] = [
     (
         "hostipports4",
         "map",
@@ -143,7 +188,7 @@ pub fn ruleset(table: &str, records: &[SandboxRecord]) -> String {
 pub fn ruleset_with(table: &str, records: &[SandboxRecord], options: NftOptions) -> String {
     let mut sorted: Vec<&SandboxRecord> = records.iter().collect();
     sorted.sort_by(|a, b| a.sandbox.cmp(&b.sandbox));
-    let all: Vec<Element> = sorted.iter().flat_map(|r| elements(r)).collect();
+    let all: Vec<SetElement> = sorted.iter().flat_map(|r| elements(r)).collect();
 
     let mut out = String::new();
     let _ = writeln!(out, "table inet {table} {{}}");
@@ -214,6 +259,25 @@ const CHAINS: &str = "\tchain hostports {
 \t}
 ";
 
+/// How many chains, maps and sets, and rules our table holds with `options`: what a
+/// reading of the table's shape must find for it to be ours, whole.
+pub fn object_counts(options: NftOptions) -> (usize, usize, usize) {
+    let chains_text = if options.localhost {
+        format!("{CHAINS}{LOCALHOST_CHAINS}")
+    } else {
+        CHAINS.to_owned()
+    };
+    let chains = chains_text
+        .lines()
+        .filter(|l| l.starts_with("\tchain "))
+        .count();
+    let rules = chains_text
+        .lines()
+        .filter(|l| l.starts_with("\t\t") && !l.starts_with("\t\ttype "))
+        .count();
+    (chains, SETS.len(), rules)
+}
+
 /// The transaction that adds one sandbox's elements to an existing table.
 pub fn add_sandbox(table: &str, record: &SandboxRecord) -> String {
     let mut out = String::new();
@@ -238,7 +302,12 @@ pub fn remove_sandbox(table: &str, record: &SandboxRecord) -> String {
             e.set,
             element_text(&e, false)
         );
-        let _ = writeln!(out, "delete element inet {table} {} {{ {} }}", e.set, e.key);
+        let _ = writeln!(
+            out,
+            "delete element inet {table} {} {{ {} }}",
+            e.set,
+            e.key_text()
+        );
     }
     out
 }
@@ -251,4 +320,15 @@ pub fn element_count(record: &SandboxRecord) -> usize {
 /// The transaction that deletes the whole table, whether it exists or not.
 pub fn teardown(table: &str) -> String {
     format!("table inet {table} {{}}\ndelete table inet {table}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_has_four_chains_six_sets_and_nine_rules_three_chains_more_for_localhost() {
+        assert_eq!(object_counts(NftOptions::default()), (4, 6, 9));
+        assert_eq!(object_counts(NftOptions { localhost: true }), (7, 6, 12));
+    }
 }

@@ -1,0 +1,385 @@
+//! One sandbox's map and set elements added or removed as one nftables netlink batch
+//! (NFT_MSG_NEWSETELEM / NFT_MSG_DELSETELEM between NFNL_MSG_BATCH_BEGIN and _END), from
+//! the agent's own process: no `nft` exec on ADD or DEL. The kernel applies a batch as one
+//! transaction, as `nft -f` does; whole-table loads stay with `nft -f`.
+//!
+//! The elements are [`randport_core::render::nft::elements`], the same data the text
+//! rendering writes: keys and values are concatenations, each field stored in 4-byte
+//! registers (an address in 4 or 16 bytes, a protocol number in 1, a port in 2, big
+//! endian, each padded to 4), and the sandbox's tag is the element's comment in nft's
+//! user-data format. The root tests compare the kernel's listing after a batch with the
+//! listing after `nft -f` of the rendered text.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use randport_core::render::nft::{Field, SetElement};
+
+#[cfg(test)]
+use crate::netlink::messages;
+use crate::netlink::{NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, error_code, socket};
+
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
+const NLM_F_CREATE: u16 = 0x400;
+const NLA_F_NESTED: u16 = 0x8000;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_USERDATA: u16 = 6;
+const NFTA_DATA_VALUE: u16 = 1;
+/// libnftnl's NFTNL_UDATA_SET_ELEM_COMMENT: the user-data record nft reads comments from.
+const UDATA_SET_ELEM_COMMENT: u8 = 0;
+const NFPROTO_INET: u8 = 1;
+
+/// What a batch does to one element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Add it with its comment (nothing happens when it is there already with that value).
+    Add,
+    /// Add it without a comment (fails when its key maps elsewhere), then delete it:
+    /// succeeds when it is already gone, changes nothing when it belongs to another.
+    Remove,
+}
+
+/// Why a batch was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The netlink socket could not be used.
+    #[error("nftables netlink: {0}")]
+    Io(#[from] std::io::Error),
+    /// The kernel refused a message (and so the whole batch).
+    #[error("nftables refused {what}: {source}")]
+    Refused {
+        /// The message, as nft would write it.
+        what: String,
+        /// The kernel's errno.
+        source: std::io::Error,
+    },
+}
+
+impl BatchError {
+    /// The errno, when the kernel refused.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            BatchError::Refused { source, .. } => source.raw_os_error(),
+            BatchError::Io(e) => e.raw_os_error(),
+        }
+    }
+}
+
+fn push_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    let len = 4 + payload.len();
+    buf.extend((len as u16).to_ne_bytes());
+    buf.extend(kind.to_ne_bytes());
+    buf.extend(payload);
+    buf.resize((buf.len() + 3) & !3, 0);
+}
+
+fn push_str(buf: &mut Vec<u8>, kind: u16, value: &str) {
+    let mut payload = value.as_bytes().to_vec();
+    payload.push(0);
+    push_attr(buf, kind, &payload);
+}
+
+/// A concatenation as nftables stores it: each field in whole 4-byte registers.
+pub fn concat(fields: &[Field]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for field in fields {
+        match field {
+            Field::Ip(std::net::IpAddr::V4(ip)) => out.extend(ip.octets()),
+            Field::Ip(std::net::IpAddr::V6(ip)) => out.extend(ip.octets()),
+            Field::Proto(p) => out.push(p.ip_number()),
+            Field::Port(port) => out.extend(port.to_be_bytes()),
+        }
+        out.resize((out.len() + 3) & !3, 0);
+    }
+    out
+}
+
+/// The element's attributes inside NFTA_LIST_ELEM.
+fn element(e: &SetElement, with_value_and_comment: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut key = Vec::new();
+    push_attr(&mut key, NFTA_DATA_VALUE, &concat(&e.key));
+    push_attr(&mut out, NFTA_SET_ELEM_KEY | NLA_F_NESTED, &key);
+    if with_value_and_comment {
+        if let Some(value) = &e.value {
+            let mut data = Vec::new();
+            push_attr(&mut data, NFTA_DATA_VALUE, &concat(value));
+            push_attr(&mut out, NFTA_SET_ELEM_DATA | NLA_F_NESTED, &data);
+        }
+    }
+    out
+}
+
+fn with_comment(e: &SetElement) -> Vec<u8> {
+    let mut out = element(e, true);
+    let mut udata = vec![UDATA_SET_ELEM_COMMENT, (e.tag.len() + 1) as u8];
+    udata.extend(e.tag.as_bytes());
+    udata.push(0);
+    push_attr(&mut out, NFTA_SET_ELEM_USERDATA, &udata);
+    out
+}
+
+/// One netlink message with an nfgenmsg header.
+fn message(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16, attrs: &[u8]) -> Vec<u8> {
+    let len = 16 + 4 + attrs.len();
+    let mut b = Vec::with_capacity(len);
+    b.extend((len as u32).to_ne_bytes());
+    b.extend(kind.to_ne_bytes());
+    b.extend(flags.to_ne_bytes());
+    b.extend(seq.to_ne_bytes());
+    b.extend(0u32.to_ne_bytes());
+    b.push(family);
+    b.push(0);
+    b.extend(res_id.to_be_bytes());
+    b.extend(attrs);
+    b
+}
+
+/// The batch for `ops` on table `inet <table>`, sequence numbers from `seq`; also what
+/// each acknowledged message does, as nft would write it, by sequence number.
+pub fn batch(table: &str, ops: &[(Op, &SetElement)], seq: u32) -> (Vec<u8>, Vec<(u32, String)>) {
+    let mut out = message(
+        NFNL_MSG_BATCH_BEGIN,
+        NLM_F_REQUEST,
+        seq,
+        0,
+        NFNL_SUBSYS_NFTABLES,
+        &[],
+    );
+    let mut said = Vec::new();
+    let mut next = seq + 1;
+    let mut one = |kind: u16, flags: u16, set: &str, elem: Vec<u8>, what: String| {
+        let mut attrs = Vec::new();
+        push_str(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table);
+        push_str(&mut attrs, NFTA_SET_ELEM_LIST_SET, set);
+        let mut list = Vec::new();
+        push_attr(&mut list, NFTA_LIST_ELEM | NLA_F_NESTED, &elem);
+        push_attr(
+            &mut attrs,
+            NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED,
+            &list,
+        );
+        out.extend(message(
+            (NFNL_SUBSYS_NFTABLES << 8) | kind,
+            NLM_F_REQUEST | NLM_F_ACK | flags,
+            next,
+            NFPROTO_INET,
+            0,
+            &attrs,
+        ));
+        said.push((next, what));
+        next += 1;
+    };
+    for (op, e) in ops {
+        let text = |verb: &str| {
+            format!(
+                "{verb} element inet {table} {} {{ {} }}",
+                e.set,
+                e.key_text()
+            )
+        };
+        match op {
+            Op::Add => one(
+                NFT_MSG_NEWSETELEM,
+                NLM_F_CREATE,
+                e.set,
+                with_comment(e),
+                text("add"),
+            ),
+            Op::Remove => {
+                one(
+                    NFT_MSG_NEWSETELEM,
+                    NLM_F_CREATE,
+                    e.set,
+                    element(e, true),
+                    text("add"),
+                );
+                one(
+                    NFT_MSG_DELSETELEM,
+                    0,
+                    e.set,
+                    element(e, false),
+                    text("delete"),
+                );
+            }
+        }
+    }
+    out.extend(message(
+        NFNL_MSG_BATCH_END,
+        NLM_F_REQUEST,
+        next,
+        0,
+        NFNL_SUBSYS_NFTABLES,
+        &[],
+    ));
+    (out, said)
+}
+
+/// Sends `ops` on table `inet <table>` as one batch in the calling thread's network
+/// namespace and waits for the kernel's answer to each message (5 s at most).
+pub fn apply(table: &str, ops: &[(Op, &SetElement)]) -> Result<(), BatchError> {
+    use nix::sys::socket::{MsgFlags, NetlinkAddr, recv, sendto, setsockopt, sockopt};
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let sock: OwnedFd = socket().map_err(std::io::Error::from)?;
+    setsockopt(
+        &sock,
+        sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(5, 0),
+    )
+    .map_err(std::io::Error::from)?;
+    let (request, said) = batch(table, ops, 1);
+    sendto(
+        sock.as_raw_fd(),
+        &request,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )
+    .map_err(std::io::Error::from)?;
+    let mut answered = 0;
+    let mut refused: Option<BatchError> = None;
+    let mut buf = vec![0u8; 1 << 16];
+    while answered < said.len() {
+        let n =
+            recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(std::io::Error::from)?;
+        if n == 0 {
+            break;
+        }
+        for (seq, kind, body) in answers(&buf[..n]) {
+            if kind != NLMSG_ERROR {
+                continue;
+            }
+            answered += 1;
+            let code = error_code(body);
+            if code != 0 && refused.is_none() {
+                let what = said
+                    .iter()
+                    .find(|(s, _)| *s == seq)
+                    .map_or_else(|| "the batch".to_owned(), |(_, w)| w.clone());
+                refused = Some(BatchError::Refused {
+                    what,
+                    source: std::io::Error::from_raw_os_error(-code),
+                });
+                // A refused batch header is the only answer there will be.
+                if seq == 1 {
+                    answered = said.len();
+                }
+            }
+        }
+    }
+    refused.map_or(Ok(()), Err)
+}
+
+/// (sequence number, type, body) of each message in a buffer.
+pub fn answers(mut buf: &[u8]) -> Vec<(u32, u16, &[u8])> {
+    let mut out = Vec::new();
+    while buf.len() >= 16 {
+        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if len < 16 || len > buf.len() {
+            break;
+        }
+        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
+        let seq = u32::from_ne_bytes([buf[8], buf[9], buf[10], buf[11]]);
+        out.push((seq, kind, &buf[16..len]));
+        buf = &buf[((len + 3) & !3).min(buf.len())..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::attrs;
+    use randport_core::Protocol;
+
+    #[test]
+    fn concatenations_use_whole_registers() {
+        let key = [Field::Proto(Protocol::Udp), Field::Port(24427)];
+        assert_eq!(concat(&key), [17, 0, 0, 0, 0x5f, 0x6b, 0, 0]);
+        let value = [Field::Ip("198.18.0.2".parse().unwrap()), Field::Port(8080)];
+        assert_eq!(concat(&value), [198, 18, 0, 2, 0x1f, 0x90, 0, 0]);
+        let v6 = [
+            Field::Ip("2001:db8::1".parse().unwrap()),
+            Field::Proto(Protocol::Tcp),
+        ];
+        assert_eq!(concat(&v6).len(), 20);
+    }
+
+    #[test]
+    fn a_removal_readds_then_deletes_each_element_in_one_batch() {
+        let e = SetElement {
+            set: "hostports4",
+            key: vec![Field::Proto(Protocol::Tcp), Field::Port(20000)],
+            value: Some(vec![
+                Field::Ip("198.18.0.2".parse().unwrap()),
+                Field::Port(80),
+            ]),
+            tag: "sb:0123456789abcdef".into(),
+        };
+        let (bytes, said) = batch("randport", &[(Op::Remove, &e)], 7);
+        let kinds: Vec<u16> = messages(&bytes).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            kinds,
+            [
+                NFNL_MSG_BATCH_BEGIN,
+                (10 << 8) | NFT_MSG_NEWSETELEM,
+                (10 << 8) | NFT_MSG_DELSETELEM,
+                NFNL_MSG_BATCH_END
+            ]
+        );
+        assert_eq!(
+            said,
+            [
+                (
+                    8,
+                    "add element inet randport hostports4 { tcp . 20000 }".to_owned()
+                ),
+                (
+                    9,
+                    "delete element inet randport hostports4 { tcp . 20000 }".to_owned()
+                ),
+            ]
+        );
+        // The deletion names the key only; the re-addition carries the value.
+        let bodies: Vec<&[u8]> = messages(&bytes).into_iter().map(|(_, b)| b).collect();
+        let list = |body: &[u8]| -> Vec<u16> {
+            let top = attrs(&body[4..]);
+            let elements = crate::netlink::find(&top, NFTA_SET_ELEM_LIST_ELEMENTS).unwrap();
+            let elem = attrs(elements)[0].2;
+            attrs(elem).into_iter().map(|a| a.0).collect()
+        };
+        assert_eq!(list(bodies[1]), [NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA]);
+        assert_eq!(list(bodies[2]), [NFTA_SET_ELEM_KEY]);
+    }
+
+    #[test]
+    fn an_addition_carries_the_tag_as_nfts_comment() {
+        let e = SetElement {
+            set: "hairpin4",
+            key: vec![
+                Field::Ip("198.18.0.2".parse().unwrap()),
+                Field::Ip("198.18.0.2".parse().unwrap()),
+            ],
+            value: None,
+            tag: "sb:ab".into(),
+        };
+        let fields = attrs(&with_comment(&e))
+            .into_iter()
+            .map(|(k, _, p)| (k, p.to_vec()))
+            .collect::<Vec<_>>();
+        assert_eq!(fields[0].0, NFTA_SET_ELEM_KEY);
+        assert_eq!(
+            fields[1],
+            (NFTA_SET_ELEM_USERDATA, b"\x00\x06sb:ab\x00".to_vec())
+        );
+    }
+}
