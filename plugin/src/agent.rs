@@ -690,8 +690,8 @@ impl Agent {
             return Ok(());
         };
         let mut errors = Vec::new();
-        let remaining = inner.others(sandbox);
-        if let Err(e) = self.firewall.remove(&record, &remaining) {
+        let remaining = || inner.others(sandbox);
+        if let Err(e) = self.firewall.remove_or_rebuild(&record, &remaining) {
             errors.push(e.to_string());
         }
         inner.release(&record);

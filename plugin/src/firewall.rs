@@ -54,6 +54,15 @@ pub trait Firewall: Send + Sync {
         record: &SandboxRecord,
         remaining: &[SandboxRecord],
     ) -> Result<(), FirewallError>;
+    /// [`Firewall::remove`] with the other sandboxes made only if a rebuild is needed
+    /// (the agent's DEL: copying every record for each DEL grows with the node).
+    fn remove_or_rebuild(
+        &self,
+        record: &SandboxRecord,
+        remaining: &dyn Fn() -> Vec<SandboxRecord>,
+    ) -> Result<(), FirewallError> {
+        self.remove(record, &remaining())
+    }
     /// Whether every rule or element of this sandbox is present.
     fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError>;
     /// Whether everything we own is present for these sandboxes (nobody flushed it).
@@ -307,20 +316,27 @@ impl NftFirewall {
         self.loaded.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The table's shape now, None when it cannot be read in one go.
+    /// The table's shape now; None when every one of five readings was interrupted by
+    /// a change (each is three small dumps, so pods coming and going rarely spoil more
+    /// than one).
     fn shape(&self) -> Result<Option<crate::netlink::TableShape>, FirewallError> {
         use crate::netlink::ShapeRead;
-        match crate::netlink::nft_table_shape(&self.table) {
-            Ok(ShapeRead::Shape(shape)) => Ok(Some(shape)),
-            Ok(ShapeRead::Interrupted) => Ok(None),
-            Err(e) => Err(self.err(
-                format!(
-                    "reading the chains, sets and rules of table inet {}",
-                    self.table
-                ),
-                e.to_string(),
-            )),
+        for _ in 0..5 {
+            match crate::netlink::nft_table_shape(&self.table) {
+                Ok(ShapeRead::Shape(shape)) => return Ok(Some(shape)),
+                Ok(ShapeRead::Interrupted) => continue,
+                Err(e) => {
+                    return Err(self.err(
+                        format!(
+                            "reading the chains, sets and rules of table inet {}",
+                            self.table
+                        ),
+                        e.to_string(),
+                    ));
+                }
+            }
         }
+        Ok(None)
     }
 
     /// The table's shape now if it has every chain, set and rule of ours: someone may
@@ -420,12 +436,20 @@ impl Firewall for NftFirewall {
         record: &SandboxRecord,
         remaining: &[SandboxRecord],
     ) -> Result<(), FirewallError> {
+        self.remove_or_rebuild(record, &|| remaining.to_vec())
+    }
+
+    fn remove_or_rebuild(
+        &self,
+        record: &SandboxRecord,
+        remaining: &dyn Fn() -> Vec<SandboxRecord>,
+    ) -> Result<(), FirewallError> {
         let elements = nft::elements(record);
         let ops: Vec<(Op, &nft::SetElement)> = elements.iter().map(|e| (Op::Remove, e)).collect();
         match nft_elements::apply(&self.table, &ops) {
             Ok(()) => Ok(()),
             // Some element now maps elsewhere, or the table is gone: rebuild without it.
-            Err(_) => self.replace_all(remaining),
+            Err(_) => self.replace_all(&remaining()),
         }
     }
 
@@ -438,26 +462,33 @@ impl Firewall for NftFirewall {
     }
 
     fn intact(&self, _records: &[SandboxRecord]) -> Result<bool, FirewallError> {
-        // Three netlink dumps (chains, sets, rules: no elements, read once) against what
-        // was there right after our last whole load; they cost the same at any number of
+        // Three netlink dumps (chains, sets, rules: no elements; a reading interrupted by
+        // a change is taken again, five times at most) against what was there right after
+        // our last whole load; they cost the same at any number of
         // mappings and while mappings come and go. They catch a deleted table, a flushed
         // table or ruleset, a deleted or changed chain, set or rule. A lost element is what
         // CHECK (`verify`) finds.
         let reference = self.loaded().clone();
-        let Some(reference) = reference else {
-            let intact = self.intact_by_listing()?;
-            if intact {
-                *self.loaded() = self.whole_shape();
-            }
-            return Ok(intact);
-        };
-        match self.shape() {
-            Ok(Some(now)) => Ok(now == reference),
-            // The ruleset changed while the kernel answered: the generation moved, so the
-            // watchdog checks again on its next round.
-            Ok(None) => Ok(true),
+        let now = match self.shape() {
+            Ok(Some(now)) => now,
+            // Still changing after five readings: the generation moved, so the watchdog
+            // checks again on its next round.
+            Ok(None) => return Ok(true),
             // Netlink refused (it should not, with the agent's capabilities): list instead.
-            Err(_) => self.intact_by_listing(),
+            Err(_) => return self.intact_by_listing(),
+        };
+        match reference {
+            Some(reference) => Ok(now == reference),
+            None if now.counts() != nft::object_counts(self.options) => Ok(false),
+            // A table this backend did not load (an agent restarted with its table in
+            // place): compared with the rendered rules once, by listing, then by shape.
+            None => {
+                let intact = self.intact_by_listing()?;
+                if intact {
+                    *self.loaded() = Some(now);
+                }
+                Ok(intact)
+            }
         }
     }
 
