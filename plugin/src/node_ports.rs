@@ -1,10 +1,13 @@
-//! What the node's kernel says about ports: `ip_local_reserved_ports` (never handed out)
-//! and `ip_local_port_range` (the ephemeral range, which the port range should avoid).
+//! The node's kernel settings randport reads or changes: `ip_local_reserved_ports` (never
+//! handed out), `ip_local_port_range` (the ephemeral range, which the port range should
+//! avoid) and `route_localnet` (turned on for `--localhost-access`, and off again).
 
 use std::fs;
 use std::path::PathBuf;
 
 use randport_core::range::ReservedPortsError;
+
+use crate::firewall::Tool as _;
 use randport_core::{PortRange, ReservedPorts};
 
 /// Where the kernel publishes its port settings.
@@ -106,6 +109,72 @@ pub fn overlap_warning(range: PortRange, ephemeral: PortRange) -> Option<String>
     })
 }
 
+/// Left in the agent's state directory while `route_localnet` is on because of us.
+pub const ROUTE_LOCALNET_MARKER: &str = "route_localnet.set-by-randport";
+
+/// kube-proxy's iptables mode relies on `route_localnet=1` for NodePorts on 127.0.0.1 and
+/// marks that with this rule comment in the filter table.
+const KUBE_PROXY_LOCALNET_RULE: &str = "block incoming localnet connections";
+
+fn route_localnet_path(sysctl_dir: &std::path::Path) -> std::path::PathBuf {
+    sysctl_dir.join("conf/all/route_localnet")
+}
+
+/// Lets the kernel route packets for 127.0.0.0/8 out of other interfaces
+/// (`net.ipv4.conf.all.route_localnet=1`), which localhost access needs. Only together
+/// with the nft table's guard, which drops such packets arriving from other hosts.
+///
+/// When it was off, a marker in `state_dir` remembers that we turned it on, so that
+/// [`restore_route_localnet`] can turn it off again; when it was already on, it is
+/// somebody else's and stays as it is. Returns whether it was turned on now.
+pub fn enable_route_localnet(
+    sysctl_dir: &std::path::Path,
+    state_dir: &std::path::Path,
+) -> std::io::Result<bool> {
+    let path = route_localnet_path(sysctl_dir);
+    if std::fs::read_to_string(&path)?.trim() != "0" {
+        return Ok(false);
+    }
+    std::fs::write(state_dir.join(ROUTE_LOCALNET_MARKER), "0\n")?;
+    std::fs::write(&path, "1")?;
+    Ok(true)
+}
+
+/// Whether kube-proxy (iptables mode) relies on `route_localnet=1` here: its rule for it
+/// is in this network namespace's filter table.
+pub fn kube_proxy_uses_route_localnet() -> bool {
+    crate::firewall::tool::SYSTEM
+        .run("iptables-save", &["-t", "filter"], "")
+        .is_ok_and(|saved| saved.contains(KUBE_PROXY_LOCALNET_RULE))
+}
+
+/// Undoes [`enable_route_localnet`] when `--localhost-access` is off or on uninstall:
+/// turns `route_localnet` off again if we turned it on, unless `kube_proxy_uses_it` says
+/// kube-proxy relies on it (see [`kube_proxy_uses_route_localnet`]). Returns what it did,
+/// for the log.
+pub fn restore_route_localnet(
+    sysctl_dir: &std::path::Path,
+    state_dir: &std::path::Path,
+    kube_proxy_uses_it: impl FnOnce() -> bool,
+) -> std::io::Result<Option<String>> {
+    let marker = state_dir.join(ROUTE_LOCALNET_MARKER);
+    if !marker.exists() {
+        return Ok(None);
+    }
+    let path = route_localnet_path(sysctl_dir);
+    let said = if std::fs::read_to_string(&path)?.trim() != "1" {
+        "net.ipv4.conf.all.route_localnet is already 0"
+    } else if kube_proxy_uses_it() {
+        "left net.ipv4.conf.all.route_localnet=1 (turned on for --localhost-access): \
+         kube-proxy's localhost NodePorts use it too"
+    } else {
+        std::fs::write(&path, "0")?;
+        "set net.ipv4.conf.all.route_localnet back to 0 (turned on for --localhost-access)"
+    };
+    std::fs::remove_file(&marker)?;
+    Ok(Some(said.to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +250,81 @@ mod tests {
             "port range 30000-40000 overlaps the kernel's ephemeral range 32768-60999"
         ));
         assert!(warning.contains("on 32768-40000"));
+    }
+}
+
+#[cfg(test)]
+mod route_localnet_tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    /// A fake `/proc/sys/net/ipv4` with `route_localnet` at `value`, and a state dir.
+    fn dirs(name: &str, value: &str) -> (PathBuf, PathBuf) {
+        let root =
+            std::env::temp_dir().join(format!("randport-localnet-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (sysctl, state) = (root.join("sysctl"), root.join("state"));
+        std::fs::create_dir_all(sysctl.join("conf/all")).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(route_localnet_path(&sysctl), value).unwrap();
+        (sysctl, state)
+    }
+
+    fn value(sysctl: &Path) -> String {
+        std::fs::read_to_string(route_localnet_path(sysctl))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    fn cleanup(sysctl: &Path) {
+        std::fs::remove_dir_all(sysctl.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn route_localnet_we_turned_on_is_turned_off_again() {
+        let (sysctl, state) = dirs("ours", "0\n");
+        assert!(enable_route_localnet(&sysctl, &state).unwrap());
+        assert_eq!(value(&sysctl), "1");
+        // The agent restarts with the flag still on: nothing changes, the marker stays.
+        assert!(!enable_route_localnet(&sysctl, &state).unwrap());
+        assert!(state.join(ROUTE_LOCALNET_MARKER).exists());
+
+        let said = restore_route_localnet(&sysctl, &state, || false).unwrap();
+        assert_eq!(value(&sysctl), "0");
+        assert!(said.unwrap().contains("back to 0"));
+        assert!(!state.join(ROUTE_LOCALNET_MARKER).exists());
+        // Once undone, there is nothing more to undo.
+        assert_eq!(
+            restore_route_localnet(&sysctl, &state, || false).unwrap(),
+            None
+        );
+        cleanup(&sysctl);
+    }
+
+    #[test]
+    fn route_localnet_somebody_else_turned_on_stays_on() {
+        let (sysctl, state) = dirs("theirs", "1\n");
+        assert!(!enable_route_localnet(&sysctl, &state).unwrap());
+        assert!(!state.join(ROUTE_LOCALNET_MARKER).exists());
+        assert_eq!(
+            restore_route_localnet(&sysctl, &state, || false).unwrap(),
+            None
+        );
+        assert_eq!(value(&sysctl), "1");
+        cleanup(&sysctl);
+    }
+
+    #[test]
+    fn route_localnet_stays_on_while_kube_proxy_relies_on_it() {
+        let (sysctl, state) = dirs("kube-proxy", "0\n");
+        assert!(enable_route_localnet(&sysctl, &state).unwrap());
+        let said = restore_route_localnet(&sysctl, &state, || true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(value(&sysctl), "1");
+        assert!(said.contains("kube-proxy"), "{said}");
+        assert!(!state.join(ROUTE_LOCALNET_MARKER).exists());
+        cleanup(&sysctl);
     }
 }

@@ -176,6 +176,21 @@ pub fn add_sandbox(family: IpFamily, record: &SandboxRecord) -> Option<String> {
     change(family, record, "-A")
 }
 
+/// The payload that appends several sandboxes' rules in one `iptables-restore`; `None`
+/// when none has any in `family`.
+pub fn add_sandboxes(family: IpFamily, records: &[SandboxRecord]) -> Option<String> {
+    let rules: Vec<(&str, String)> = records.iter().flat_map(|r| rules(family, r)).collect();
+    if rules.is_empty() {
+        return None;
+    }
+    let mut out = String::from("*nat\n");
+    for (chain, spec) in rules {
+        let _ = writeln!(out, "-A {chain} {spec}");
+    }
+    out.push_str("COMMIT\n");
+    Some(out)
+}
+
 /// The payload that deletes one sandbox's rules; `None` when it has none in `family`.
 /// iptables cannot delete a rule that is gone, so the agent rebuilds with
 /// [`full_payload`] when this fails.
@@ -217,4 +232,30 @@ pub fn teardown_payload(present_jumps: &[HookJump]) -> String {
     }
     out.push_str("COMMIT\n");
     out
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+    use crate::examples;
+
+    #[test]
+    fn a_batch_appends_what_each_sandbox_would_append_alone() {
+        let all = examples::all();
+        for family in [IpFamily::V4, IpFamily::V6] {
+            let alone: Vec<String> = all
+                .iter()
+                .filter_map(|r| add_sandbox(family, r))
+                .flat_map(|p| {
+                    p.lines()
+                        .filter(|l| l.starts_with("-A"))
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let batch = add_sandboxes(family, &all).unwrap();
+            assert_eq!(batch, format!("*nat\n{}\nCOMMIT\n", alone.join("\n")));
+        }
+        assert_eq!(add_sandboxes(IpFamily::V4, &[]), None);
+    }
 }

@@ -242,10 +242,10 @@ fn uninstall_from_node(
         }
     }
     let sysctl_dir = std::path::Path::new(randport_plugin::node_ports::DEFAULT_SYSCTL_DIR);
-    match firewall::restore_route_localnet(
+    match randport_plugin::node_ports::restore_route_localnet(
         sysctl_dir,
         state_dir,
-        firewall::kube_proxy_uses_route_localnet,
+        randport_plugin::node_ports::kube_proxy_uses_route_localnet,
     ) {
         Ok(Some(said)) => println!("{said}"),
         Ok(None) => {}
@@ -396,16 +396,16 @@ fn run_agent(cli: Cli) -> Result<()> {
     })?;
     let sysctl_dir = std::path::Path::new(randport_plugin::node_ports::DEFAULT_SYSCTL_DIR);
     if cli.localhost_access {
-        if firewall::enable_route_localnet(sysctl_dir, &cli.state_dir)
+        if randport_plugin::node_ports::enable_route_localnet(sysctl_dir, &cli.state_dir)
             .context("setting net.ipv4.conf.all.route_localnet=1 for --localhost-access")?
         {
             tracing::info!("set net.ipv4.conf.all.route_localnet=1 for --localhost-access");
         }
     } else {
-        match firewall::restore_route_localnet(
+        match randport_plugin::node_ports::restore_route_localnet(
             sysctl_dir,
             &cli.state_dir,
-            firewall::kube_proxy_uses_route_localnet,
+            randport_plugin::node_ports::kube_proxy_uses_route_localnet,
         ) {
             Ok(Some(said)) => tracing::info!("{said}"),
             Ok(None) => {}

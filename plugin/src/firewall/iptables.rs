@@ -1,0 +1,337 @@
+//! The iptables backend: our own chains in the nat table, changed with one
+//! `iptables-restore --noflush` per address family and read with `iptables-save`, through
+//! the [`Tool`] (a recording fake in the unit tests below).
+
+use randport_core::render::iptables;
+use randport_core::{IpFamily, SandboxRecord};
+
+use super::tool::{SYSTEM, Tool, ToolError};
+use super::{FAMILIES, Firewall, FirewallError};
+
+/// Which `iptables` commands: the node's default (`iptables`, as its alternatives pick),
+/// or one flavour's own (`iptables-legacy`, `iptables-nft`). Rules must go where the
+/// node's other rules are: the two flavours do not see each other's rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IptablesFlavour {
+    /// `iptables-restore`, `iptables-save`, ...
+    #[default]
+    System,
+    /// `iptables-legacy-restore`, ...
+    Legacy,
+    /// `iptables-nft-restore`, ...
+    Nft,
+}
+
+/// iptables: chains `RANDPORT-*` in the nat table, IPv4 and IPv6.
+#[derive(Debug, Clone, Copy)]
+pub struct IptablesFirewall {
+    flavour: IptablesFlavour,
+    tool: &'static dyn Tool,
+}
+
+impl Default for IptablesFirewall {
+    /// The node's own `iptables` commands.
+    fn default() -> Self {
+        IptablesFirewall::new(IptablesFlavour::System)
+    }
+}
+
+/// The (restore, save) programs of `family` in `flavour`.
+pub(crate) fn tools(family: IpFamily, flavour: IptablesFlavour) -> (&'static str, &'static str) {
+    use IptablesFlavour::*;
+    match (family, flavour) {
+        (IpFamily::V4, System) => ("iptables-restore", "iptables-save"),
+        (IpFamily::V6, System) => ("ip6tables-restore", "ip6tables-save"),
+        (IpFamily::V4, Legacy) => ("iptables-legacy-restore", "iptables-legacy-save"),
+        (IpFamily::V6, Legacy) => ("ip6tables-legacy-restore", "ip6tables-legacy-save"),
+        (IpFamily::V4, Nft) => ("iptables-nft-restore", "iptables-nft-save"),
+        (IpFamily::V6, Nft) => ("ip6tables-nft-restore", "ip6tables-nft-save"),
+    }
+}
+
+impl IptablesFirewall {
+    /// The backend with `flavour`'s commands.
+    pub const fn new(flavour: IptablesFlavour) -> Self {
+        IptablesFirewall::with_tool(flavour, &SYSTEM)
+    }
+
+    /// The backend with its programs run by `tool` (a fake, in tests).
+    pub const fn with_tool(flavour: IptablesFlavour, tool: &'static dyn Tool) -> Self {
+        IptablesFirewall { flavour, tool }
+    }
+
+    fn err(what: impl Into<String>, reason: String) -> FirewallError {
+        FirewallError {
+            backend: "iptables",
+            what: what.into(),
+            reason,
+        }
+    }
+
+    fn restore(&self, family: IpFamily, what: &str, payload: &str) -> Result<(), FirewallError> {
+        self.tool
+            .run(tools(family, self.flavour).0, &["--noflush"], payload)
+            .map(drop)
+            .map_err(|e| Self::err(what, e.to_string()))
+    }
+
+    fn save(&self, family: IpFamily) -> Result<String, FirewallError> {
+        self.save_raw(family)
+            .map_err(|e| Self::err("listing the nat table", e.to_string()))
+    }
+
+    fn save_raw(&self, family: IpFamily) -> Result<String, ToolError> {
+        self.tool
+            .run(tools(family, self.flavour).1, &["-t", "nat"], "")
+    }
+
+    fn present_jumps(saved: &str, family: IpFamily) -> Vec<iptables::HookJump> {
+        iptables::hook_jumps(family)
+            .into_iter()
+            .filter(|j| saved.lines().any(|l| l == j.append_line()))
+            .collect()
+    }
+
+    fn missing_jumps(saved: &str, family: IpFamily) -> Vec<iptables::HookJump> {
+        iptables::hook_jumps(family)
+            .into_iter()
+            .filter(|j| !saved.lines().any(|l| l == j.append_line()))
+            .collect()
+    }
+}
+
+impl Firewall for IptablesFirewall {
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn replace_all(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
+        for family in FAMILIES {
+            let missing = Self::missing_jumps(&self.save(family)?, family);
+            let payload = iptables::full_payload(family, records, &missing);
+            self.restore(
+                family,
+                &format!("rebuilding our chains ({} sandboxes)", records.len()),
+                &payload,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn add(&self, record: &SandboxRecord) -> Result<(), FirewallError> {
+        for family in FAMILIES {
+            if let Some(payload) = iptables::add_sandbox(family, record) {
+                self.restore(
+                    family,
+                    &format!("adding mappings of pod {}", record.pod),
+                    &payload,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn add_many(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
+        for family in FAMILIES {
+            if let Some(payload) = iptables::add_sandboxes(family, records) {
+                self.restore(
+                    family,
+                    &format!("adding the mappings of {} pods", records.len()),
+                    &payload,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(
+        &self,
+        record: &SandboxRecord,
+        remaining: &[SandboxRecord],
+    ) -> Result<(), FirewallError> {
+        for family in FAMILIES {
+            if let Some(payload) = iptables::remove_sandbox(family, record) {
+                if self.restore(family, "removing mappings", &payload).is_err() {
+                    // A rule was already gone: rebuild our chains without this sandbox.
+                    return self.replace_all(remaining);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError> {
+        let needle = format!("--comment \"{}\"", record.sandbox.tag());
+        for family in FAMILIES {
+            let found = self
+                .save(family)?
+                .lines()
+                .filter(|l| l.contains(&needle))
+                .count();
+            if found != iptables::rule_count(family, record) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn intact(&self, records: &[SandboxRecord]) -> Result<bool, FirewallError> {
+        for family in FAMILIES {
+            let saved = self.save(family)?;
+            let expected: usize = records
+                .iter()
+                .map(|r| iptables::rule_count(family, r))
+                .sum();
+            let tagged = saved
+                .lines()
+                .filter(|l| l.contains("--comment \"sb:"))
+                .count();
+            if tagged != expected || !Self::missing_jumps(&saved, family).is_empty() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn teardown(&self) -> Result<(), FirewallError> {
+        for family in FAMILIES {
+            let saved = match self.save_raw(family) {
+                Ok(saved) => saved,
+                // No iptables on this node: nothing of ours can be there.
+                Err(ToolError::NotInstalled { .. }) => continue,
+                Err(e) => return Err(Self::err("listing the nat table", e.to_string())),
+            };
+            if !saved.contains(&format!(":{}", iptables::HOSTPORTS_CHAIN)) {
+                continue;
+            }
+            let payload = iptables::teardown_payload(&Self::present_jumps(&saved, family));
+            self.restore(family, "removing our chains", &payload)?;
+        }
+        Ok(())
+    }
+
+    /// Only with the nf_tables flavour of iptables: the legacy one changes rules without
+    /// touching the nftables generation.
+    fn generation(&self) -> Option<u32> {
+        static NF_TABLES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let flavour = self.flavour;
+        let nf_tables = NF_TABLES.get_or_init(|| {
+            FAMILIES.iter().all(|family| {
+                self.tool
+                    .run(tools(*family, flavour).1, &["--version"], "")
+                    .is_ok_and(|v| v.contains("nf_tables"))
+            })
+        });
+        if *nf_tables {
+            crate::netlink::ruleset_generation().ok()
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::fake::RecordingTool;
+    use randport_core::examples;
+
+    fn backend() -> (IptablesFirewall, &'static RecordingTool) {
+        let tool = RecordingTool::leaked();
+        (
+            IptablesFirewall::with_tool(IptablesFlavour::System, tool),
+            tool,
+        )
+    }
+
+    fn failed(program: &str) -> ToolError {
+        ToolError::Failed {
+            program: program.into(),
+            status: Some(1),
+            stderr: "iptables-restore: line 2 failed".into(),
+        }
+    }
+
+    #[test]
+    fn a_removal_whose_rule_is_gone_rebuilds_our_chains() {
+        let (fw, tool) = backend();
+        let records = examples::all();
+        tool.answer(
+            "iptables-restore",
+            "--noflush",
+            Err(failed("iptables-restore")),
+        );
+        fw.remove(&records[0], &records[1..]).unwrap();
+        let calls = tool.calls();
+        // The refused removal, then per family: a save and the whole payload of the rest.
+        assert!(
+            calls[0].starts_with("iptables-restore --noflush\n"),
+            "{calls:?}"
+        );
+        assert_eq!(calls[1], "iptables-save -t nat");
+        let rebuilt = iptables::full_payload(
+            IpFamily::V4,
+            &records[1..],
+            &iptables::hook_jumps(IpFamily::V4),
+        );
+        assert_eq!(calls[2], format!("iptables-restore --noflush\n{rebuilt}"));
+        assert_eq!(calls[3], "ip6tables-save -t nat");
+    }
+
+    #[test]
+    fn teardown_leaves_a_node_without_iptables_alone() {
+        let (fw, tool) = backend();
+        for program in ["iptables-save", "ip6tables-save"] {
+            tool.answer(
+                program,
+                "-t",
+                Err(ToolError::NotInstalled {
+                    program: program.into(),
+                    reason: "No such file or directory (os error 2)".into(),
+                }),
+            );
+        }
+        fw.teardown().unwrap();
+        assert_eq!(
+            tool.calls(),
+            vec!["iptables-save -t nat", "ip6tables-save -t nat"]
+        );
+        // Another failure to list is an error.
+        tool.answer("iptables-save", "-t", Err(failed("iptables-save")));
+        assert!(
+            fw.teardown()
+                .unwrap_err()
+                .to_string()
+                .contains("listing the nat table")
+        );
+    }
+
+    #[test]
+    fn intact_counts_our_tagged_rules_and_the_jumps_to_our_chains() {
+        let (fw, tool) = backend();
+        let records = examples::all();
+        let saved = |family: IpFamily, records: &[SandboxRecord]| {
+            iptables::full_payload(family, records, &iptables::hook_jumps(family))
+        };
+        for family in FAMILIES {
+            let program = tools(family, IptablesFlavour::System).1;
+            tool.answer(program, "-t", Ok(saved(family, &records)));
+        }
+        assert!(fw.intact(&records).unwrap());
+        // One sandbox's rules gone.
+        tool.answer(
+            "iptables-save",
+            "-t",
+            Ok(saved(IpFamily::V4, &records[1..])),
+        );
+        assert!(!fw.intact(&records).unwrap());
+        // The jumps gone.
+        tool.answer(
+            "iptables-save",
+            "-t",
+            Ok(iptables::full_payload(IpFamily::V4, &records, &[])),
+        );
+        assert!(!fw.intact(&records).unwrap());
+    }
+}
