@@ -50,7 +50,7 @@ impl Default for BenchSpec {
         BenchSpec {
             sizes: vec![0, 100, 1000, 5000],
             portmap_max: 1000,
-            samples: 30,
+            samples: 60,
             conn_seconds: 2.0,
             conn_sizes: vec![1, 1000, 5000],
             concurrent: 100,
@@ -595,58 +595,68 @@ fn latency_row(
         plugin.name(),
         spec.samples
     ));
-    let (adds, dels) = measure_add_del(c, plugin, samples_at, spec.samples)?;
+    if plugin.name() != "randport (nftables)" {
+        let (adds, dels) = measure_add_del(c, plugin, samples_at, spec.samples)?;
+        report.latency.push(LatencyRow {
+            plugin: plugin.name(),
+            existing,
+            add: percentiles(&adds),
+            del: percentiles(&dels),
+        });
+        return Ok(());
+    }
+    // Against the floor on this kernel, interleaved so that both see the same moments:
+    // each ADD and DEL next to one element added and deleted with a bare nft exec, in the
+    // same table.
+    let (mut adds, mut dels, mut bare_adds, mut bare_dels) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for s in 0..spec.samples {
+        adds.push(plugin.add(c, samples_at + s)?);
+        bare_adds.push(bare_nft(c, "add", s)?);
+        dels.push(plugin.del(c, samples_at + s)?);
+        bare_dels.push(bare_nft(c, "delete", s)?);
+    }
     report.latency.push(LatencyRow {
         plugin: plugin.name(),
         existing,
         add: percentiles(&adds),
         del: percentiles(&dels),
     });
-    if plugin.name() == "randport (nftables)" {
-        // The floor on this kernel: one element added and deleted with a bare nft exec,
-        // in the same table, same run.
-        let (adds, dels) = bare_nft(c, spec.samples)?;
-        report.latency.push(LatencyRow {
-            plugin: BARE_NFT.into(),
-            existing,
-            add: percentiles(&adds),
-            del: percentiles(&dels),
-        });
-    }
+    report.latency.push(LatencyRow {
+        plugin: BARE_NFT.into(),
+        existing,
+        add: percentiles(&bare_adds),
+        del: percentiles(&bare_dels),
+    });
     Ok(())
 }
 
 /// The latency table's name for a bare `nft add element` / `nft delete element`.
 pub const BARE_NFT: &str = "bare `nft add/delete element`";
 
-/// `samples` elements (ports outside the agent's range) added and deleted in our table on
-/// node 0, each with one `nft` exec from a thread in the node: (add times, delete times).
-fn bare_nft(c: &Cluster, samples: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
-    let (mut adds, mut dels) = (Vec::new(), Vec::new());
-    for s in 0..samples {
-        let port = 10_000 + s;
-        for (verb, value, times) in [
-            ("add", " : 198.18.31.1 . 80", &mut adds),
-            ("delete", "", &mut dels),
-        ] {
-            let element = format!("hostports4 {{ tcp . {port}{value} }}");
-            let args = format!("{verb} element inet randport {element}");
-            let (ok, took) = c.nodes[0].ns.enter(move || {
-                let started = Instant::now();
-                let status = Command::new("nft")
-                    .args(args.split(' '))
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-                (status.is_ok_and(|s| s.success()), started.elapsed())
-            })?;
-            if !ok {
-                bail!("nft {verb} element inet randport {element} failed");
-            }
-            times.push(took);
-        }
+/// Element `s` (a port outside the agent's range) added to or deleted from our table on
+/// node 0 with one `nft` exec from a thread in the node: how long it took.
+fn bare_nft(c: &Cluster, verb: &'static str, s: usize) -> Result<Duration> {
+    let value = if verb == "add" {
+        " : 198.18.31.1 . 80"
+    } else {
+        ""
+    };
+    let element = format!("hostports4 {{ tcp . {}{value} }}", 10_000 + s);
+    let args = format!("{verb} element inet randport {element}");
+    let (ok, took) = c.nodes[0].ns.enter(move || {
+        let started = Instant::now();
+        let status = Command::new("nft")
+            .args(args.split(' '))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        (status.is_ok_and(|s| s.success()), started.elapsed())
+    })?;
+    if !ok {
+        bail!("nft {verb} element inet randport {element} failed");
     }
-    Ok((adds, dels))
+    Ok(took)
 }
 
 /// Fills node 0 size by size (the sizes of `spec` up to `max`, the real target pod counting
