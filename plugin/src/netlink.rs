@@ -17,6 +17,18 @@ const NFTA_GEN_ID: u16 = 1;
 
 /// A netlink message with an nfgenmsg header for `family` and `payload` attributes.
 pub(crate) fn message(kind: u16, flags: u16, seq: u32, family: u8, payload: &[u8]) -> Vec<u8> {
+    message_for(kind, flags, seq, family, 0, payload)
+}
+
+/// [`message`] with the nfgenmsg's `res_id` (a batch header names its subsystem there).
+pub(crate) fn message_for(
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    family: u8,
+    res_id: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let len = 16 + 4 + payload.len();
     let mut b = Vec::with_capacity(len);
     b.extend((len as u32).to_ne_bytes());
@@ -24,7 +36,8 @@ pub(crate) fn message(kind: u16, flags: u16, seq: u32, family: u8, payload: &[u8
     b.extend(flags.to_ne_bytes());
     b.extend(seq.to_ne_bytes());
     b.extend(0u32.to_ne_bytes());
-    b.extend([family, 0, 0, 0]);
+    b.extend([family, 0]);
+    b.extend(res_id.to_be_bytes());
     b.extend(payload);
     b
 }
@@ -37,22 +50,44 @@ pub(crate) fn messages(buf: &[u8]) -> Vec<(u16, &[u8])> {
         .collect()
 }
 
-/// The messages in a buffer: (type, flags, body after the netlink header).
-pub fn messages_with_flags(mut buf: &[u8]) -> Vec<(u16, u16, &[u8])> {
+/// One netlink message in a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Message<'a> {
+    /// Its type.
+    pub kind: u16,
+    /// Its flags.
+    pub flags: u16,
+    /// Its sequence number.
+    pub seq: u32,
+    /// What follows the netlink header.
+    pub body: &'a [u8],
+}
+
+/// The messages in a buffer, up to the first that does not fit.
+pub fn parse(mut buf: &[u8]) -> Vec<Message<'_>> {
     let mut out = Vec::new();
     while buf.len() >= 16 {
         let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         if len < 16 || len > buf.len() {
             break;
         }
-        out.push((
-            u16::from_ne_bytes([buf[4], buf[5]]),
-            u16::from_ne_bytes([buf[6], buf[7]]),
-            &buf[16..len],
-        ));
+        out.push(Message {
+            kind: u16::from_ne_bytes([buf[4], buf[5]]),
+            flags: u16::from_ne_bytes([buf[6], buf[7]]),
+            seq: u32::from_ne_bytes([buf[8], buf[9], buf[10], buf[11]]),
+            body: &buf[16..len],
+        });
         buf = &buf[((len + 3) & !3).min(buf.len())..];
     }
     out
+}
+
+/// The messages in a buffer: (type, flags, body after the netlink header).
+pub fn messages_with_flags(buf: &[u8]) -> Vec<(u16, u16, &[u8])> {
+    parse(buf)
+        .into_iter()
+        .map(|m| (m.kind, m.flags, m.body))
+        .collect()
 }
 
 /// The attributes in `buf`: (type without flag bits, whole attribute, payload).

@@ -16,7 +16,9 @@ use randport_core::render::nft::{Field, SetElement};
 
 #[cfg(test)]
 use crate::netlink::messages;
-use crate::netlink::{NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, error_code, socket};
+use crate::netlink::{
+    NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, error_code, message_for as message, socket,
+};
 
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
@@ -125,22 +127,6 @@ fn with_comment(e: &SetElement) -> Vec<u8> {
     udata.push(0);
     push_attr(&mut out, NFTA_SET_ELEM_USERDATA, &udata);
     out
-}
-
-/// One netlink message with an nfgenmsg header.
-fn message(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16, attrs: &[u8]) -> Vec<u8> {
-    let len = 16 + 4 + attrs.len();
-    let mut b = Vec::with_capacity(len);
-    b.extend((len as u32).to_ne_bytes());
-    b.extend(kind.to_ne_bytes());
-    b.extend(flags.to_ne_bytes());
-    b.extend(seq.to_ne_bytes());
-    b.extend(0u32.to_ne_bytes());
-    b.push(family);
-    b.push(0);
-    b.extend(res_id.to_be_bytes());
-    b.extend(attrs);
-    b
 }
 
 /// The batch for `ops` on table `inet <table>`, sequence numbers from `seq`; also what
@@ -280,19 +266,11 @@ pub fn apply(table: &str, ops: &[(Op, &SetElement)]) -> Result<(), BatchError> {
 }
 
 /// (sequence number, type, body) of each message in a buffer.
-pub fn answers(mut buf: &[u8]) -> Vec<(u32, u16, &[u8])> {
-    let mut out = Vec::new();
-    while buf.len() >= 16 {
-        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        if len < 16 || len > buf.len() {
-            break;
-        }
-        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
-        let seq = u32::from_ne_bytes([buf[8], buf[9], buf[10], buf[11]]);
-        out.push((seq, kind, &buf[16..len]));
-        buf = &buf[((len + 3) & !3).min(buf.len())..];
-    }
-    out
+pub fn answers(buf: &[u8]) -> Vec<(u32, u16, &[u8])> {
+    crate::netlink::parse(buf)
+        .into_iter()
+        .map(|m| (m.seq, m.kind, m.body))
+        .collect()
 }
 
 #[cfg(test)]

@@ -179,16 +179,10 @@ pub fn add_sandbox(family: IpFamily, record: &SandboxRecord) -> Option<String> {
 /// The payload that appends several sandboxes' rules in one `iptables-restore`; `None`
 /// when none has any in `family`.
 pub fn add_sandboxes(family: IpFamily, records: &[SandboxRecord]) -> Option<String> {
-    let rules: Vec<(&str, String)> = records.iter().flat_map(|r| rules(family, r)).collect();
-    if rules.is_empty() {
-        return None;
-    }
-    let mut out = String::from("*nat\n");
-    for (chain, spec) in rules {
-        let _ = writeln!(out, "-A {chain} {spec}");
-    }
-    out.push_str("COMMIT\n");
-    Some(out)
+    payload(
+        records.iter().flat_map(|r| rules(family, r)).collect(),
+        "-A",
+    )
 }
 
 /// The payload that deletes one sandbox's rules; `None` when it has none in `family`.
@@ -199,7 +193,11 @@ pub fn remove_sandbox(family: IpFamily, record: &SandboxRecord) -> Option<String
 }
 
 fn change(family: IpFamily, record: &SandboxRecord, op: &str) -> Option<String> {
-    let rules = rules(family, record);
+    payload(rules(family, record), op)
+}
+
+/// `op` (`-A` or `-D`) of each rule in one `*nat … COMMIT`; `None` when there are none.
+fn payload(rules: Vec<(&str, String)>, op: &str) -> Option<String> {
     if rules.is_empty() {
         return None;
     }

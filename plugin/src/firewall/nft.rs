@@ -318,6 +318,14 @@ mod tests {
         TableShape { objects }
     }
 
+    /// What `nft` says when asked to list a table that is not there.
+    fn no_table() -> ToolError {
+        ToolError::NoSuchTable {
+            program: "nft".into(),
+            stderr: "Error: No such file or directory".into(),
+        }
+    }
+
     fn backend() -> (NftFirewall, &'static RecordingTool, &'static FakeKernel) {
         let (tool, kernel) = (RecordingTool::leaked(), FakeKernel::leaked());
         let fw = NftFirewall::with_parts("randport", nft::NftOptions::default(), tool, kernel);
@@ -395,14 +403,7 @@ mod tests {
         assert_eq!(tool.calls().len(), 1);
         // A whole one is compared with the rendered rules once, by listing.
         *kernel.shape_default.lock().unwrap() = Some(shape(0));
-        tool.answer(
-            "nft",
-            "-t",
-            Err(ToolError::NoSuchTable {
-                program: "nft".into(),
-                stderr: "Error: No such file or directory".into(),
-            }),
-        );
+        tool.answer("nft", "-t", Err(no_table()));
         assert!(!fw.intact(&[]).unwrap(), "the listing found no table");
         assert_eq!(tool.calls()[1], "nft -t list table inet randport");
     }
@@ -435,14 +436,7 @@ mod tests {
             &format!("nft -f -\n{}", nft::teardown("randport"))
         );
         // With no reference the same shape is checked by listing again.
-        tool.answer(
-            "nft",
-            "-t",
-            Err(ToolError::NoSuchTable {
-                program: "nft".into(),
-                stderr: "Error: No such file or directory".into(),
-            }),
-        );
+        tool.answer("nft", "-t", Err(no_table()));
         assert!(!fw.intact(&[]).unwrap());
     }
 }
