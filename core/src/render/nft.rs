@@ -211,71 +211,109 @@ pub fn ruleset_with(table: &str, records: &[SandboxRecord], options: NftOptions)
         }
         let _ = writeln!(out, "\t}}");
     }
-    out.push_str(CHAINS);
-    if options.localhost {
-        out.push_str(LOCALHOST_CHAINS);
+    for chain in chains(options) {
+        chain.render(&mut out);
     }
     out.push_str("}\n");
     out
 }
 
+/// One chain of our table, as data: the text rendering writes it, the watchdog counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chain {
+    /// Its name.
+    pub name: &'static str,
+    /// For a base chain: `type … hook … priority …; policy …;`.
+    pub base: Option<&'static str>,
+    /// Its rules, in order.
+    pub rules: &'static [&'static str],
+}
+
+impl Chain {
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(out, "\tchain {} {{", self.name);
+        if let Some(base) = self.base {
+            let _ = writeln!(out, "\t\t{base}");
+        }
+        for rule in self.rules {
+            let _ = writeln!(out, "\t\t{rule}");
+        }
+        let _ = writeln!(out, "\t}}");
+    }
+}
+
+/// The chains: lookups reached only for local destinations, and hairpin masquerade.
+pub const CHAINS: [Chain; 4] = [
+    Chain {
+        name: "hostports",
+        base: None,
+        rules: &[
+            "meta nfproto ipv4 dnat ip to ip daddr . meta l4proto . th dport map @hostipports4",
+            "meta nfproto ipv4 dnat ip to meta l4proto . th dport map @hostports4",
+            "meta nfproto ipv6 dnat ip6 to ip6 daddr . meta l4proto . th dport map @hostipports6",
+            "meta nfproto ipv6 dnat ip6 to meta l4proto . th dport map @hostports6",
+        ],
+    },
+    Chain {
+        name: "prerouting",
+        base: Some("type nat hook prerouting priority -100; policy accept;"),
+        rules: &["fib daddr type local goto hostports"],
+    },
+    Chain {
+        name: "output",
+        base: Some("type nat hook output priority -100; policy accept;"),
+        rules: &[
+            "meta nfproto ipv4 ip daddr != 127.0.0.0/8 fib daddr type local goto hostports",
+            "meta nfproto ipv6 ip6 daddr != ::1 fib daddr type local goto hostports",
+        ],
+    },
+    Chain {
+        name: "postrouting",
+        base: Some("type nat hook postrouting priority 100; policy accept;"),
+        rules: &[
+            "meta nfproto ipv4 ct status dnat ip saddr . ip daddr @hairpin4 masquerade",
+            "meta nfproto ipv6 ct status dnat ip6 saddr . ip6 daddr @hairpin6 masquerade",
+        ],
+    },
+];
+
 /// With localhost access: loopback destinations reach the lookups from the node itself,
 /// their source is masqueraded (a pod cannot answer 127.0.0.1), and loopback destinations
 /// arriving on any other interface are dropped first of all.
-const LOCALHOST_CHAINS: &str = "\tchain localhost_output {
-\t\ttype nat hook output priority -99; policy accept;
-\t\tmeta nfproto ipv4 ip daddr 127.0.0.0/8 goto hostports
-\t}
-\tchain localhost_postrouting {
-\t\ttype nat hook postrouting priority 101; policy accept;
-\t\tmeta nfproto ipv4 ct status dnat ip saddr 127.0.0.0/8 masquerade
-\t}
-\tchain localhost_guard {
-\t\ttype filter hook prerouting priority -300; policy accept;
-\t\tmeta nfproto ipv4 iifname != \"lo\" ip daddr 127.0.0.0/8 counter drop
-\t}
-";
+pub const LOCALHOST_CHAINS: [Chain; 3] = [
+    Chain {
+        name: "localhost_output",
+        base: Some("type nat hook output priority -99; policy accept;"),
+        rules: &["meta nfproto ipv4 ip daddr 127.0.0.0/8 goto hostports"],
+    },
+    Chain {
+        name: "localhost_postrouting",
+        base: Some("type nat hook postrouting priority 101; policy accept;"),
+        rules: &["meta nfproto ipv4 ct status dnat ip saddr 127.0.0.0/8 masquerade"],
+    },
+    Chain {
+        name: "localhost_guard",
+        base: Some("type filter hook prerouting priority -300; policy accept;"),
+        rules: &["meta nfproto ipv4 iifname != \"lo\" ip daddr 127.0.0.0/8 counter drop"],
+    },
+];
 
-/// The chains: lookups reached only for local destinations, and hairpin masquerade.
-const CHAINS: &str = "\tchain hostports {
-\t\tmeta nfproto ipv4 dnat ip to ip daddr . meta l4proto . th dport map @hostipports4
-\t\tmeta nfproto ipv4 dnat ip to meta l4proto . th dport map @hostports4
-\t\tmeta nfproto ipv6 dnat ip6 to ip6 daddr . meta l4proto . th dport map @hostipports6
-\t\tmeta nfproto ipv6 dnat ip6 to meta l4proto . th dport map @hostports6
-\t}
-\tchain prerouting {
-\t\ttype nat hook prerouting priority -100; policy accept;
-\t\tfib daddr type local goto hostports
-\t}
-\tchain output {
-\t\ttype nat hook output priority -100; policy accept;
-\t\tmeta nfproto ipv4 ip daddr != 127.0.0.0/8 fib daddr type local goto hostports
-\t\tmeta nfproto ipv6 ip6 daddr != ::1 fib daddr type local goto hostports
-\t}
-\tchain postrouting {
-\t\ttype nat hook postrouting priority 100; policy accept;
-\t\tmeta nfproto ipv4 ct status dnat ip saddr . ip daddr @hairpin4 masquerade
-\t\tmeta nfproto ipv6 ct status dnat ip6 saddr . ip6 daddr @hairpin6 masquerade
-\t}
-";
+/// Our chains with `options`, in the order the table lists them.
+pub fn chains(options: NftOptions) -> Vec<&'static Chain> {
+    let extra: &[Chain] = if options.localhost {
+        &LOCALHOST_CHAINS
+    } else {
+        &[]
+    };
+    CHAINS.iter().chain(extra).collect()
+}
 
 /// How many chains, maps and sets, and rules our table holds with `options`: what a
 /// reading of the table's shape must find for it to be ours, whole.
 pub fn object_counts(options: NftOptions) -> (usize, usize, usize) {
-    let chains_text = if options.localhost {
-        format!("{CHAINS}{LOCALHOST_CHAINS}")
-    } else {
-        CHAINS.to_owned()
-    };
-    let chains = chains_text
-        .lines()
-        .filter(|l| l.starts_with("\tchain "))
-        .count();
-    let rules = chains_text
-        .lines()
-        .filter(|l| l.starts_with("\t\t") && !l.starts_with("\t\ttype "))
-        .count();
-    (chains, SETS.len(), rules)
+    let chains = chains(options);
+    let rules = chains.iter().map(|c| c.rules.len()).sum();
+    (chains.len(), SETS.len(), rules)
 }
 
 /// The transaction that adds one sandbox's elements to an existing table.

@@ -154,29 +154,23 @@ impl NftFirewall {
                 return Err(self.err(format!("listing table inet {}", self.table), e.to_string()));
             }
         };
-        let expected = nft::ruleset_with(&self.table, &[], self.options);
-        let rules = expected.lines().map(str::trim).filter(|l| {
-            l.contains("goto hostports") || l.contains(" map @") || l.contains("masquerade")
-        });
-        // The guard's rule carries a counter, which a listing prints with its values.
+        // Every rule of our chains but the guard's, whose counter a listing prints with its
+        // values; nft lists a rule without the `meta nfproto` its chain's family implies.
+        let rules = nft::chains(self.options)
+            .into_iter()
+            .flat_map(|c| c.rules.iter())
+            .filter(|r| !r.contains(" counter "))
+            .map(|r| {
+                r.replace("meta nfproto ipv4 ", "")
+                    .replace("meta nfproto ipv6 ", "")
+            });
         if self.options.localhost && !text.contains("chain localhost_guard") {
             return Ok(false);
         }
-        let sets = [
-            "map hostipports4",
-            "map hostipports6",
-            "map hostports4",
-            "map hostports6",
-            "set hairpin4",
-            "set hairpin6",
-        ];
-        Ok(sets.iter().all(|s| text.contains(s))
-            && rules
-                .map(|r| {
-                    r.replace("meta nfproto ipv4 ", "")
-                        .replace("meta nfproto ipv6 ", "")
-                })
-                .all(|r| text.contains(&r)))
+        Ok(nft::SETS
+            .iter()
+            .all(|(name, kind, _)| text.contains(&format!("{kind} {name}")))
+            && rules.into_iter().all(|r| text.contains(&r)))
     }
 
     fn listing(&self) -> Result<Option<String>, FirewallError> {
