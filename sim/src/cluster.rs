@@ -891,16 +891,7 @@ impl Cluster {
 
     /// Connects over TCP from `origin` to `addr` and returns the greeting line.
     pub fn tcp(&self, origin: Origin<'_>, addr: SocketAddr) -> Result<String> {
-        let stream = self
-            .origin_ns(origin)?
-            .enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
-        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-        let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line)?;
-        if line.is_empty() {
-            bail!("{addr} closed the connection without a word");
-        }
-        Ok(line.trim_end().to_owned())
+        self.origin_ns(origin)?.enter(move || tcp_greeting(addr))?
     }
 
     /// Opens a TCP connection from `origin` to `addr` and keeps it (greeting consumed).
@@ -946,10 +937,7 @@ impl Cluster {
 
     /// Whether `port` can be bound for `protocol` on node `i` (false while randport holds it).
     pub fn port_free_on_node(&self, i: usize, protocol: Protocol, port: u16) -> Result<bool> {
-        self.nodes[i].ns.enter(move || match protocol {
-            Protocol::Udp => UdpSocket::bind(("::", port)).is_ok(),
-            _ => TcpListener::bind(("::", port)).is_ok(),
-        })
+        self.nodes[i].ns.enter(move || port_free(protocol, port))
     }
 
     /// A short description of the run, for logs.
@@ -1051,6 +1039,28 @@ impl PodWiring<'_> {
             in_ns(&["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"])?;
         }
         Ok(ns)
+    }
+}
+
+/// Connects over TCP to `addr` from the calling thread's namespace and returns the
+/// workload's greeting line.
+pub fn tcp_greeting(addr: SocketAddr) -> Result<String> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    if line.is_empty() {
+        bail!("{addr} closed the connection without a word");
+    }
+    Ok(line.trim_end().to_owned())
+}
+
+/// Whether `port` can be bound for `protocol` in the calling thread's namespace (false
+/// while something, randport's holder for one, holds it).
+pub fn port_free(protocol: Protocol, port: u16) -> bool {
+    match protocol {
+        Protocol::Udp => UdpSocket::bind(("::", port)).is_ok(),
+        _ => TcpListener::bind(("::", port)).is_ok(),
     }
 }
 

@@ -5,7 +5,7 @@
 //! [`SCALE_FROM`] pods, and the scale scenario test).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -13,7 +13,7 @@ use randport_core::Protocol;
 use randport_core::annotation::PortEntry;
 
 use crate::checks::Check;
-use crate::cluster::{Cluster, ClusterSpec, PodSpec};
+use crate::cluster::{Cluster, ClusterSpec, PodSpec, port_free, tcp_greeting};
 
 /// From this many pods on, the demo runs the scale checks (no line per pod, traffic on a
 /// sample).
@@ -298,7 +298,7 @@ fn reach(cluster: &Cluster, targets: &[Target], answer: bool) -> Vec<Check> {
         .collect();
     let probed = cluster.client.enter(move || {
         let tcp_results: Vec<Option<String>> =
-            tcp.iter().map(|t| tcp_greeting(t.address)).collect();
+            tcp.iter().map(|t| tcp_greeting(t.address).ok()).collect();
         let udp_results = udp_answers(&udp);
         (tcp, tcp_results, udp, udp_results)
     });
@@ -347,15 +347,6 @@ fn reach(cluster: &Cluster, targets: &[Target], answer: bool) -> Vec<Check> {
     checks
 }
 
-fn tcp_greeting(address: SocketAddr) -> Option<String> {
-    use std::io::BufRead as _;
-    let stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    let mut line = String::new();
-    std::io::BufReader::new(stream).read_line(&mut line).ok()?;
-    (!line.is_empty()).then(|| line.trim_end().to_owned())
-}
-
 /// One socket, every target asked in three rounds 300 ms apart; each answer by the
 /// address it came from (the mapping's, after the reverse translation).
 fn udp_answers(targets: &[Target]) -> HashMap<SocketAddr, Option<String>> {
@@ -399,13 +390,7 @@ fn ports_released(cluster: &Cluster, targets: &[Target]) -> Vec<Check> {
         let checked = cluster.nodes[node].ns.enter(move || {
             ports
                 .into_iter()
-                .map(|(protocol, port)| {
-                    let free = match protocol {
-                        Protocol::Udp => UdpSocket::bind(("::", port)).is_ok(),
-                        _ => std::net::TcpListener::bind(("::", port)).is_ok(),
-                    };
-                    (protocol, port, free)
-                })
+                .map(|(protocol, port)| (protocol, port, port_free(protocol, port)))
                 .collect::<Vec<_>>()
         });
         match checked {
