@@ -151,6 +151,14 @@ fn our_rules(ns: &Netns, family: IpFamily) -> Vec<String> {
         .collect()
 }
 
+fn saved_table(ns: &Netns, family: IpFamily) -> iptables::NatTable {
+    let tool = match family {
+        IpFamily::V4 => "iptables-save",
+        IpFamily::V6 => "ip6tables-save",
+    };
+    iptables::NatTable::parse(&ns.sh(tool, &["-t", "nat"], "")).expect("iptables-save reads")
+}
+
 #[test]
 fn iptables_payloads_load_and_change_only_our_chains() {
     if !root_and_tools_or_skip(
@@ -185,12 +193,26 @@ fn iptables_payloads_load_and_change_only_our_chains() {
         );
         restore(&ns, family, &iptables::full_payload(family, &all, &jumps));
         for jump in &jumps {
-            let mut args = vec!["-t", "nat", "-C", jump.chain];
+            let mut args = vec!["-t", "nat", "-C", jump.chain.as_str()];
             args.extend(jump.args.iter().map(String::as_str));
             ns.sh(check, &args, "");
         }
         let first = our_rules(&ns, family);
         assert!(!first.is_empty());
+        // What iptables-save prints reads back as exactly the rules we rendered.
+        let saved = saved_table(&ns, family);
+        let drift = saved.drift(family, &all);
+        assert!(drift.is_empty(), "{family:?}: {drift:#?}");
+        for record in &all {
+            let mut own = iptables::rules(family, record);
+            own.sort();
+            assert_eq!(
+                saved.tagged(&record.sandbox.tag()),
+                own.iter().collect::<Vec<_>>(),
+                "{family:?}: {}",
+                record.pod
+            );
+        }
         // Re-applying the full payload (jumps present now) flushes and refills our chains.
         restore(&ns, family, &iptables::full_payload(family, &all, &[]));
         assert_eq!(
@@ -205,6 +227,12 @@ fn iptables_payloads_load_and_change_only_our_chains() {
         restore(&ns, family, &removal);
         let after = our_rules(&ns, family);
         assert!(after.iter().all(|l| !l.contains(&dual.sandbox.tag())));
+        let mut removed = iptables::rules(family, &dual);
+        removed.sort();
+        assert_eq!(
+            saved_table(&ns, family).drift(family, &all).missing_rules,
+            removed
+        );
         assert_eq!(
             after.len(),
             first.len() - removal.lines().filter(|l| l.starts_with("-D")).count()

@@ -76,28 +76,22 @@ impl IptablesFirewall {
             .map_err(|e| Self::err(what, e.to_string()))
     }
 
-    fn save(&self, family: IpFamily) -> Result<String, FirewallError> {
-        self.save_raw(family)
-            .map_err(|e| Self::err("listing the nat table", e.to_string()))
+    /// Our view of the nat table of `family`: `iptables-save` read into rules.
+    fn table(&self, family: IpFamily) -> Result<iptables::NatTable, FirewallError> {
+        let saved = self
+            .save_raw(family)
+            .map_err(|e| Self::err("listing the nat table", e.to_string()))?;
+        Self::parse(&saved)
+    }
+
+    fn parse(saved: &str) -> Result<iptables::NatTable, FirewallError> {
+        iptables::NatTable::parse(saved)
+            .map_err(|e| Self::err("reading the listed nat table", e.to_string()))
     }
 
     fn save_raw(&self, family: IpFamily) -> Result<String, ToolError> {
         self.tool
             .run(tools(family, self.flavour).1, &["-t", "nat"], "")
-    }
-
-    fn present_jumps(saved: &str, family: IpFamily) -> Vec<iptables::HookJump> {
-        iptables::hook_jumps(family)
-            .into_iter()
-            .filter(|j| saved.lines().any(|l| l == j.append_line()))
-            .collect()
-    }
-
-    fn missing_jumps(saved: &str, family: IpFamily) -> Vec<iptables::HookJump> {
-        iptables::hook_jumps(family)
-            .into_iter()
-            .filter(|j| !saved.lines().any(|l| l == j.append_line()))
-            .collect()
     }
 }
 
@@ -108,7 +102,7 @@ impl Firewall for IptablesFirewall {
 
     fn replace_all(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
         for family in FAMILIES {
-            let missing = Self::missing_jumps(&self.save(family)?, family);
+            let missing = self.table(family)?.missing_jumps(family);
             let payload = iptables::full_payload(family, records, &missing);
             self.restore(
                 family,
@@ -162,14 +156,12 @@ impl Firewall for IptablesFirewall {
     }
 
     fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError> {
-        let needle = format!("--comment \"{}\"", record.sandbox.tag());
+        let tag = record.sandbox.tag();
         for family in FAMILIES {
-            let found = self
-                .save(family)?
-                .lines()
-                .filter(|l| l.contains(&needle))
-                .count();
-            if found != iptables::rule_count(family, record) {
+            let table = self.table(family)?;
+            let mut own = iptables::rules(family, record);
+            own.sort();
+            if table.tagged(&tag) != own.iter().collect::<Vec<_>>() {
                 return Ok(false);
             }
         }
@@ -178,16 +170,16 @@ impl Firewall for IptablesFirewall {
 
     fn intact(&self, records: &[SandboxRecord]) -> Result<bool, FirewallError> {
         for family in FAMILIES {
-            let saved = self.save(family)?;
-            let expected: usize = records
-                .iter()
-                .map(|r| iptables::rule_count(family, r))
-                .sum();
-            let tagged = saved
-                .lines()
-                .filter(|l| l.contains("--comment \"sb:"))
-                .count();
-            if tagged != expected || !Self::missing_jumps(&saved, family).is_empty() {
+            let drift = self.table(family)?.drift(family, records);
+            if !drift.is_empty() {
+                tracing::info!(
+                    ?family,
+                    missing_chains = ?drift.missing_chains,
+                    missing_rules = drift.missing_rules.len(),
+                    unexpected_rules = drift.unexpected_rules.len(),
+                    missing_jumps = drift.missing_jumps.len(),
+                    "our iptables chains differ from our records",
+                );
                 return Ok(false);
             }
         }
@@ -202,10 +194,11 @@ impl Firewall for IptablesFirewall {
                 Err(ToolError::NotInstalled { .. }) => continue,
                 Err(e) => return Err(Self::err("listing the nat table", e.to_string())),
             };
-            if !saved.contains(&format!(":{}", iptables::HOSTPORTS_CHAIN)) {
+            let table = Self::parse(&saved)?;
+            if !iptables::CHAINS.iter().any(|c| table.has_chain(c)) {
                 continue;
             }
-            let payload = iptables::teardown_payload(&Self::present_jumps(&saved, family));
+            let payload = iptables::teardown_payload(&table.present_jumps(family));
             self.restore(family, "removing our chains", &payload)?;
         }
         Ok(())
@@ -333,5 +326,79 @@ mod tests {
             Ok(iptables::full_payload(IpFamily::V4, &records, &[])),
         );
         assert!(!fw.intact(&records).unwrap());
+    }
+
+    /// The saved nat table with our chains for `records`, one DNAT rule's target changed.
+    fn with_changed_target(family: IpFamily, records: &[SandboxRecord]) -> String {
+        let whole = iptables::full_payload(family, records, &iptables::hook_jumps(family));
+        let mut table = iptables::NatTable::parse(&whole).unwrap();
+        let rule = table
+            .rules
+            .iter_mut()
+            .find(|r| r.chain == iptables::HOSTPORTS_CHAIN)
+            .unwrap();
+        *rule.args.last_mut().unwrap() = "198.18.9.9:1".into();
+        let mut text = String::from("*nat\n");
+        for chain in &table.chains {
+            text.push_str(&format!(":{chain} - [0:0]\n"));
+        }
+        for rule in &table.rules {
+            text.push_str(&rule.line("-A"));
+            text.push('\n');
+        }
+        text + "COMMIT\n"
+    }
+
+    #[test]
+    fn a_rule_changed_in_place_is_not_intact_though_the_counts_match() {
+        let (fw, tool) = backend();
+        let records = examples::all();
+        for family in FAMILIES {
+            let program = tools(family, IptablesFlavour::System).1;
+            let whole = iptables::full_payload(family, &records, &iptables::hook_jumps(family));
+            tool.answer(program, "-t", Ok(whole));
+        }
+        assert!(fw.intact(&records).unwrap());
+        tool.answer(
+            "iptables-save",
+            "-t",
+            Ok(with_changed_target(IpFamily::V4, &records)),
+        );
+        assert!(!fw.intact(&records).unwrap());
+        // The sandbox whose rule changed fails its CHECK; the others pass.
+        let changed = iptables::NatTable::parse(&with_changed_target(IpFamily::V4, &records))
+            .unwrap()
+            .rules
+            .into_iter()
+            .find(|r| r.chain == iptables::HOSTPORTS_CHAIN)
+            .and_then(|r| r.comment().map(str::to_owned))
+            .unwrap();
+        for record in &records {
+            tool.answer(
+                "iptables-save",
+                "-t",
+                Ok(with_changed_target(IpFamily::V4, &records)),
+            );
+            let v6 =
+                iptables::full_payload(IpFamily::V6, &records, &iptables::hook_jumps(IpFamily::V6));
+            tool.answer("ip6tables-save", "-t", Ok(v6));
+            let ok = fw.verify(record).unwrap();
+            assert_eq!(ok, record.sandbox.tag() != changed, "{}", record.pod);
+        }
+    }
+
+    #[test]
+    fn an_unreadable_listing_is_an_error_not_a_verdict() {
+        let (fw, tool) = backend();
+        tool.answer(
+            "iptables-save",
+            "-t",
+            Ok("*nat\n-A RANDPORT-HOSTPORTS -m comment --comment \"sb:1\n".into()),
+        );
+        let err = fw.intact(&examples::all()).unwrap_err().to_string();
+        assert!(
+            err.contains("reading the listed nat table") && err.contains("line 2"),
+            "{err}"
+        );
     }
 }
