@@ -265,11 +265,11 @@ pub fn shape_of(kind: u16, body: &[u8]) -> Vec<u8> {
 }
 
 /// The messages of a dump: (type without the subsystem, body).
-type Dumped = Vec<(u16, Vec<u8>)>;
+pub(crate) type Dumped = Vec<(u16, Vec<u8>)>;
 
 /// Reads every answer to one dump request: each message's (type, body), None when the
 /// kernel says the dump was interrupted by a change, or the errno.
-fn dump(sock: &OwnedFd, request: &[u8]) -> std::io::Result<Option<Dumped>> {
+pub(crate) fn dump(sock: &OwnedFd, request: &[u8]) -> std::io::Result<Option<Dumped>> {
     use nix::sys::socket::{MsgFlags, NetlinkAddr, recv, sendto};
     sendto(
         sock.as_raw_fd(),

@@ -17,13 +17,15 @@ use randport_core::render::nft::{Field, SetElement};
 #[cfg(test)]
 use crate::netlink::messages;
 use crate::netlink::{
-    NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, error_code, message_for as message, socket,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_ERROR, attrs, error_code, find,
+    message_for as message, socket,
 };
 
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NLM_F_CREATE: u16 = 0x400;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -265,6 +267,115 @@ pub fn apply(table: &str, ops: &[(Op, &SetElement)]) -> Result<(), BatchError> {
     refused.map_or(Ok(()), Err)
 }
 
+/// One element of a set as the kernel holds it: what a dump of the set answers, and what
+/// [`stored`] says an element of ours must look like there.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StoredElement {
+    /// The set or map it is in.
+    pub set: String,
+    /// Its key, as stored (a concatenation in whole registers).
+    pub key: Vec<u8>,
+    /// Its value, for maps.
+    pub value: Option<Vec<u8>>,
+    /// Its comment (nft's user-data record), if it has one.
+    pub comment: Option<String>,
+}
+
+/// What the kernel holds for `e` once it is added.
+pub fn stored(e: &SetElement) -> StoredElement {
+    StoredElement {
+        set: e.set.to_owned(),
+        key: concat(&e.key),
+        value: e.value.as_deref().map(concat),
+        comment: Some(e.tag.clone()),
+    }
+}
+
+/// The outcome of reading the elements of our sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ElementsRead {
+    /// Every element of the sets read (none of a set or table that is not there).
+    Elements(Vec<StoredElement>),
+    /// The ruleset changed while the kernel answered; read again.
+    Interrupted,
+}
+
+/// The elements in one NEWSETELEM message of a dump (set named in the message).
+pub fn parse_elements(body: &[u8]) -> Vec<StoredElement> {
+    let top = attrs(body.get(4..).unwrap_or_default());
+    let Some(set) = find(&top, NFTA_SET_ELEM_LIST_SET).and_then(c_string) else {
+        return Vec::new();
+    };
+    let Some(list) = find(&top, NFTA_SET_ELEM_LIST_ELEMENTS) else {
+        return Vec::new();
+    };
+    let value_of = |nested: &[u8]| find(&attrs(nested), NFTA_DATA_VALUE).map(<[u8]>::to_vec);
+    attrs(list)
+        .into_iter()
+        .filter(|(kind, _, _)| *kind == NFTA_LIST_ELEM)
+        .filter_map(|(_, _, elem)| {
+            let fields = attrs(elem);
+            Some(StoredElement {
+                set: set.clone(),
+                key: value_of(find(&fields, NFTA_SET_ELEM_KEY)?)?,
+                value: find(&fields, NFTA_SET_ELEM_DATA).and_then(value_of),
+                comment: find(&fields, NFTA_SET_ELEM_USERDATA).and_then(udata_comment),
+            })
+        })
+        .collect()
+}
+
+/// A NUL-terminated string attribute.
+fn c_string(payload: &[u8]) -> Option<String> {
+    let text = payload.split(|b| *b == 0).next()?;
+    String::from_utf8(text.to_vec()).ok()
+}
+
+/// The comment record of nft's user data (type, length, value records).
+fn udata_comment(mut udata: &[u8]) -> Option<String> {
+    while let [kind, len, rest @ ..] = udata {
+        let value = rest.get(..usize::from(*len))?;
+        if *kind == UDATA_SET_ELEM_COMMENT {
+            return c_string(value);
+        }
+        udata = &rest[usize::from(*len)..];
+    }
+    None
+}
+
+/// Every element of the sets `sets` of table `inet <table>`, one dump per set, in the
+/// calling thread's network namespace.
+pub fn read(table: &str, sets: &[&str]) -> std::io::Result<ElementsRead> {
+    let sock = socket()?;
+    let mut out = Vec::new();
+    for (seq, set) in (1..).zip(sets) {
+        let mut attrs = Vec::new();
+        push_str(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table);
+        push_str(&mut attrs, NFTA_SET_ELEM_LIST_SET, set);
+        let request = message(
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            seq,
+            NFPROTO_INET,
+            0,
+            &attrs,
+        );
+        match crate::netlink::dump(&sock, &request) {
+            Ok(Some(answers)) => out.extend(
+                answers
+                    .iter()
+                    .filter(|(kind, _)| *kind == NFT_MSG_NEWSETELEM)
+                    .flat_map(|(_, body)| parse_elements(body)),
+            ),
+            Ok(None) => return Ok(ElementsRead::Interrupted),
+            // No such table or set: no elements in it.
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(ElementsRead::Elements(out))
+}
+
 /// (sequence number, type, body) of each message in a buffer.
 pub fn answers(buf: &[u8]) -> Vec<(u32, u16, &[u8])> {
     crate::netlink::parse(buf)
@@ -276,7 +387,6 @@ pub fn answers(buf: &[u8]) -> Vec<(u32, u16, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netlink::attrs;
     use randport_core::Protocol;
 
     #[test]
@@ -359,5 +469,33 @@ mod tests {
             fields[1],
             (NFTA_SET_ELEM_USERDATA, b"\x00\x06sb:ab\x00".to_vec())
         );
+    }
+
+    #[test]
+    fn an_element_message_reads_back_as_the_element_it_was_made_from() {
+        for record in randport_core::examples::all() {
+            for e in randport_core::render::nft::elements(&record) {
+                let (bytes, _) = batch("randport", &[(Op::Add, &e)], 1);
+                let bodies: Vec<&[u8]> = messages(&bytes).into_iter().map(|(_, b)| b).collect();
+                assert_eq!(parse_elements(bodies[1]), vec![stored(&e)], "{e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_or_garbled_element_messages_are_read_without_panicking() {
+        let e = &randport_core::render::nft::elements(&randport_core::examples::dual_stack())[0];
+        let (bytes, _) = batch("randport", &[(Op::Add, e)], 1);
+        let body = messages(&bytes)[1].1.to_vec();
+        for cut in 0..body.len() {
+            let _ = parse_elements(&body[..cut]);
+        }
+        for flip in 0..body.len() {
+            let mut garbled = body.clone();
+            garbled[flip] ^= 0xff;
+            let _ = parse_elements(&garbled);
+        }
+        assert_eq!(udata_comment(&[0, 200, b'x']), None);
+        assert_eq!(udata_comment(b"\x07\x01z\x00\x03ab\x00"), Some("ab".into()));
     }
 }

@@ -12,7 +12,7 @@ use super::nft::NftKernel;
 use super::tool::{Tool, ToolError};
 use super::{Firewall, FirewallError};
 use crate::netlink::{ShapeRead, TableShape};
-use crate::nft_elements::{BatchError, Op};
+use crate::nft_elements::{self, BatchError, ElementsRead, Op, StoredElement};
 
 /// Queued answers of a program, by `program first-arg`.
 type Answers = Vec<(String, VecDeque<Result<String, ToolError>>)>;
@@ -84,6 +84,10 @@ pub struct FakeKernel {
     pub shape_default: Mutex<Option<TableShape>>,
     /// What `generation` answers.
     pub generation: Mutex<Option<u32>>,
+    /// The elements in the sets: what accepted batches left there.
+    pub stored: Mutex<Vec<StoredElement>>,
+    /// Answers to element readings, used up in order; then `stored`.
+    pub element_reads: Mutex<VecDeque<std::io::Result<ElementsRead>>>,
 }
 
 impl FakeKernel {
@@ -100,6 +104,14 @@ impl NftKernel for FakeKernel {
                 what: "the batch".into(),
                 source: std::io::Error::from_raw_os_error(errno),
             });
+        }
+        let mut stored = self.stored.lock().unwrap_or_else(|e| e.into_inner());
+        for (op, e) in ops {
+            let element = nft_elements::stored(e);
+            stored.retain(|s| (&s.set, &s.key) != (&element.set, &element.key));
+            if *op == Op::Add {
+                stored.push(element);
+            }
         }
         let lines = ops
             .iter()
@@ -133,6 +145,22 @@ impl NftKernel for FakeKernel {
                     objects: Vec::new(),
                 }),
         ))
+    }
+
+    fn elements(&self, _table: &str) -> std::io::Result<ElementsRead> {
+        let scripted = self
+            .element_reads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front();
+        scripted.unwrap_or_else(|| {
+            Ok(ElementsRead::Elements(
+                self.stored
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            ))
+        })
     }
 
     fn generation(&self) -> Option<u32> {

@@ -1,9 +1,10 @@
 //! Firewall backends: nftables (default) and iptables, only ever touching our own table
 //! or chains, with text that `randport-core` rendered.
 //!
-//! - [`nft`]: one nftables table; whole loads with `nft -f`, a sandbox's elements and the
-//!   watchdog's check over netlink ([`nft::NftKernel`]).
-//! - [`iptables`]: our own chains in the nat table, with `iptables-restore`/`-save`.
+//! - [`nft`]: one nftables table; whole loads with `nft -f`; a sandbox's elements, CHECK's
+//!   reading of them and the watchdog's check over netlink ([`nft::NftKernel`]).
+//! - [`iptables`]: our own chains in the nat table, with `iptables-restore`/`-save`; what
+//!   `iptables-save` prints is read into rules and compared rule by rule.
 //! - [`tool`]: the one place that runs programs ([`tool::Tool`], typed errors).
 //! - the backend choice at start ([`preflight`]) is here; the fakes for tests are behind
 //!   the `testing` feature ([`fake`]).
@@ -81,7 +82,8 @@ pub trait Firewall: Send + Sync {
     ) -> Result<(), FirewallError> {
         self.remove(record, &remaining())
     }
-    /// Whether every rule or element of this sandbox is present.
+    /// Whether this sandbox's rules or elements are present exactly as rendered: none
+    /// missing, changed or extra.
     fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError>;
     /// Whether everything we own is present for these sandboxes (nobody flushed it).
     fn intact(&self, records: &[SandboxRecord]) -> Result<bool, FirewallError>;

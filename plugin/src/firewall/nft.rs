@@ -1,14 +1,15 @@
 //! The nftables backend: table `inet <name>`. Whole loads go through `nft -f` (the
-//! [`Tool`]); a sandbox's elements and the watchdog's reading of the table go to the
-//! kernel over netlink (the [`NftKernel`]). Both seams have fakes for the unit tests below.
+//! [`Tool`]); a sandbox's elements, CHECK's reading of them and the watchdog's reading of
+//! the table go to the kernel over netlink (the [`NftKernel`]): nothing is listed as text.
+//! Both seams have fakes for the unit tests below.
 
 use randport_core::SandboxRecord;
 use randport_core::render::nft;
 
-use super::tool::{SYSTEM, Tool, ToolError};
+use super::tool::{SYSTEM, Tool};
 use super::{Firewall, FirewallError};
 use crate::netlink::{ShapeRead, TableShape};
-use crate::nft_elements::{self, BatchError, Op};
+use crate::nft_elements::{self, BatchError, ElementsRead, Op, StoredElement};
 
 /// What the nftables backend asks of the kernel directly, over netlink.
 pub trait NftKernel: Send + Sync + std::fmt::Debug {
@@ -17,6 +18,8 @@ pub trait NftKernel: Send + Sync + std::fmt::Debug {
     -> Result<(), BatchError>;
     /// The chains, sets and rules of `inet <table>`.
     fn shape(&self, table: &str) -> std::io::Result<ShapeRead>;
+    /// The elements of our sets in `inet <table>`.
+    fn elements(&self, table: &str) -> std::io::Result<ElementsRead>;
     /// The ruleset generation.
     fn generation(&self) -> Option<u32>;
 }
@@ -39,6 +42,10 @@ impl NftKernel for NetlinkKernel {
 
     fn shape(&self, table: &str) -> std::io::Result<ShapeRead> {
         crate::netlink::nft_table_shape(table)
+    }
+
+    fn elements(&self, table: &str) -> std::io::Result<ElementsRead> {
+        nft_elements::read(table, &nft::SETS.map(|(name, _, _)| name))
     }
 
     fn generation(&self) -> Option<u32> {
@@ -138,50 +145,22 @@ impl NftFirewall {
         (shape.counts() == nft::object_counts(self.options)).then_some(shape)
     }
 
-    /// The intact check by a terse listing, compared with the rendered rules as text:
-    /// used until this backend has loaded the table itself (an agent that found its table
-    /// in place at start).
-    fn intact_by_listing(&self) -> Result<bool, FirewallError> {
-        // A terse listing prints no set contents, but nft still reads every element and
-        // lists again while the ruleset changes: fine once, not under churn.
-        let text = match self
-            .tool
-            .run("nft", &["-t", "list", "table", "inet", &self.table], "")
-        {
-            Ok(text) => text,
-            Err(ToolError::NoSuchTable { .. }) => return Ok(false),
-            Err(e) => {
-                return Err(self.err(format!("listing table inet {}", self.table), e.to_string()));
+    /// Every element of our sets now; None when every one of five readings was
+    /// interrupted by a change.
+    fn stored_elements(&self) -> Result<Option<Vec<StoredElement>>, FirewallError> {
+        for _ in 0..5 {
+            match self.kernel.elements(&self.table) {
+                Ok(ElementsRead::Elements(elements)) => return Ok(Some(elements)),
+                Ok(ElementsRead::Interrupted) => continue,
+                Err(e) => {
+                    return Err(self.err(
+                        format!("reading the map elements of table inet {}", self.table),
+                        e.to_string(),
+                    ));
+                }
             }
-        };
-        // Every rule of our chains but the guard's, whose counter a listing prints with its
-        // values; nft lists a rule without the `meta nfproto` its chain's family implies.
-        let rules = nft::chains(self.options)
-            .into_iter()
-            .flat_map(|c| c.rules.iter())
-            .filter(|r| !r.contains(" counter "))
-            .map(|r| {
-                r.replace("meta nfproto ipv4 ", "")
-                    .replace("meta nfproto ipv6 ", "")
-            });
-        if self.options.localhost && !text.contains("chain localhost_guard") {
-            return Ok(false);
         }
-        Ok(nft::SETS
-            .iter()
-            .all(|(name, kind, _)| text.contains(&format!("{kind} {name}")))
-            && rules.into_iter().all(|r| text.contains(&r)))
-    }
-
-    fn listing(&self) -> Result<Option<String>, FirewallError> {
-        match self
-            .tool
-            .run("nft", &["list", "table", "inet", &self.table], "")
-        {
-            Ok(text) => Ok(Some(text)),
-            Err(ToolError::NoSuchTable { .. }) => Ok(None),
-            Err(e) => Err(self.err(format!("listing table inet {}", self.table), e.to_string())),
-        }
+        Ok(None)
     }
 }
 
@@ -245,42 +224,44 @@ impl Firewall for NftFirewall {
     }
 
     fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError> {
-        let needle = format!("comment \"{}\"", record.sandbox.tag());
-        let found = self
-            .listing()?
-            .map_or(0, |text| text.matches(&needle).count());
-        Ok(found == nft::element_count(record))
+        // The elements tagged with this sandbox, compared field by field with what its
+        // ADD sent: a missing, extra or changed one fails the check.
+        let Some(stored) = self.stored_elements()? else {
+            return Err(self.err(
+                format!("checking pod {}", record.pod),
+                "the table kept changing while it was read five times; try again".into(),
+            ));
+        };
+        let tag = record.sandbox.tag();
+        let mut found: Vec<&StoredElement> = stored
+            .iter()
+            .filter(|e| e.comment.as_deref() == Some(tag.as_str()))
+            .collect();
+        let mut expected: Vec<StoredElement> = nft::elements(record)
+            .iter()
+            .map(nft_elements::stored)
+            .collect();
+        found.sort();
+        expected.sort();
+        Ok(found == expected.iter().collect::<Vec<_>>())
     }
 
     fn intact(&self, _records: &[SandboxRecord]) -> Result<bool, FirewallError> {
         // Three netlink dumps (chains, sets, rules: no elements; a reading interrupted by
         // a change is taken again, five times at most) against what was there right after
-        // our last whole load; they cost the same at any number of
-        // mappings and while mappings come and go. They catch a deleted table, a flushed
-        // table or ruleset, a deleted or changed chain, set or rule. A lost element is what
-        // CHECK (`verify`) finds.
-        let reference = self.loaded().clone();
-        let now = match self.shape() {
-            Ok(Some(now)) => now,
+        // our last whole load; they cost the same at any number of mappings and while
+        // mappings come and go. They catch a deleted table, a flushed table or ruleset, a
+        // deleted or changed chain, set or rule. A lost element is what CHECK (`verify`)
+        // finds.
+        let Some(now) = self.shape()? else {
             // Still changing after five readings: the generation moved, so the watchdog
             // checks again on its next round.
-            Ok(None) => return Ok(true),
-            // Netlink refused (it should not, with the agent's capabilities): list instead.
-            Err(_) => return self.intact_by_listing(),
+            return Ok(true);
         };
-        match reference {
-            Some(reference) => Ok(now == reference),
-            None if now.counts() != nft::object_counts(self.options) => Ok(false),
-            // A table this backend did not load (an agent restarted with its table in
-            // place): compared with the rendered rules once, by listing, then by shape.
-            None => {
-                let intact = self.intact_by_listing()?;
-                if intact {
-                    *self.loaded() = Some(now);
-                }
-                Ok(intact)
-            }
-        }
+        // Without a reference (none could be read whole right after the load, or the
+        // table was torn down) the table is not known to be ours: the rebuild that
+        // follows reads one.
+        Ok(self.loaded().as_ref() == Some(&now))
     }
 
     fn teardown(&self) -> Result<(), FirewallError> {
@@ -310,14 +291,6 @@ mod tests {
         objects.extend((0..sets).map(|i| (9, vec![i as u8])));
         objects.extend((0..rules).map(|i| (6, vec![i as u8, variant])));
         TableShape { objects }
-    }
-
-    /// What `nft` says when asked to list a table that is not there.
-    fn no_table() -> ToolError {
-        ToolError::NoSuchTable {
-            program: "nft".into(),
-            stderr: "Error: No such file or directory".into(),
-        }
     }
 
     fn backend() -> (NftFirewall, &'static RecordingTool, &'static FakeKernel) {
@@ -392,30 +365,107 @@ mod tests {
         partial.objects.pop();
         *kernel.shape_default.lock().unwrap() = Some(partial);
         fw.replace_all(&[]).unwrap();
-        // Without a reference, a shape without all our objects is not intact, unlisted.
+        // Without a reference nothing is intact, whatever the reading: the rebuild that
+        // follows takes one. No listing.
         assert!(!fw.intact(&[]).unwrap());
-        assert_eq!(tool.calls().len(), 1);
-        // A whole one is compared with the rendered rules once, by listing.
         *kernel.shape_default.lock().unwrap() = Some(shape(0));
-        tool.answer("nft", "-t", Err(no_table()));
-        assert!(!fw.intact(&[]).unwrap(), "the listing found no table");
-        assert_eq!(tool.calls()[1], "nft -t list table inet randport");
+        assert!(!fw.intact(&[]).unwrap());
+        fw.replace_all(&[]).unwrap();
+        assert!(fw.intact(&[]).unwrap());
+        assert_eq!(tool.calls().len(), 2, "two loads: {:?}", tool.calls());
     }
 
     #[test]
-    fn a_netlink_refusal_falls_back_to_the_listing() {
+    fn a_netlink_refusal_is_an_error_that_says_what_was_read() {
         let (fw, tool, kernel) = backend();
         kernel
             .shapes
             .lock()
             .unwrap()
             .push_back(Err(std::io::Error::from_raw_os_error(nix::libc::EPERM)));
-        let listing = nft::ruleset_with("randport", &[], nft::NftOptions::default());
-        tool.answer("nft", "-t", Ok(listing));
-        assert!(fw.intact(&[]).unwrap(), "the listing has every rule");
-        assert_eq!(
-            tool.calls(),
-            vec!["nft -t list table inet randport".to_owned()]
+        let err = fw.intact(&[]).unwrap_err().to_string();
+        assert!(
+            err.contains("reading the chains, sets and rules of table inet randport")
+                && err.contains("not permitted"),
+            "{err}"
+        );
+        kernel
+            .element_reads
+            .lock()
+            .unwrap()
+            .push_back(Err(std::io::Error::from_raw_os_error(nix::libc::EPERM)));
+        let err = fw.verify(&examples::one_tcp()).unwrap_err().to_string();
+        assert!(err.contains("reading the map elements"), "{err}");
+        assert!(tool.calls().is_empty(), "{:?}", tool.calls());
+    }
+
+    #[test]
+    fn check_compares_a_sandboxs_elements_field_by_field() {
+        let (fw, tool, kernel) = backend();
+        let records = examples::all();
+        fw.add_many(&records[1..]).unwrap();
+        assert!(!fw.verify(&records[0]).unwrap(), "never added");
+        for record in &records[1..] {
+            assert!(fw.verify(record).unwrap(), "{}", record.pod);
+        }
+        let dual = records
+            .iter()
+            .find(|r| r.pod_ips.len() == 2)
+            .expect("a dual-stack example");
+        let tag = dual.sandbox.tag();
+        let stored = |kernel: &FakeKernel| kernel.stored.lock().unwrap().clone();
+        let whole = stored(kernel);
+        let edit = |change: &dyn Fn(&mut Vec<StoredElement>)| {
+            let mut elements = whole.clone();
+            change(&mut elements);
+            *kernel.stored.lock().unwrap() = elements;
+            fw.verify(dual).unwrap()
+        };
+        let ours = |e: &StoredElement| e.comment.as_deref() == Some(tag.as_str());
+        // One element gone, one pointing elsewhere, one more with its tag, one untagged.
+        assert!(!edit(&|all| {
+            let i = all.iter().position(ours).unwrap();
+            all.remove(i);
+        }));
+        assert!(!edit(&|all| {
+            let e = all
+                .iter_mut()
+                .find(|e| ours(e) && e.value.is_some())
+                .unwrap();
+            e.value.as_mut().unwrap()[0] ^= 1;
+        }));
+        assert!(!edit(&|all| {
+            let mut extra = all.iter().find(|e| ours(e)).unwrap().clone();
+            extra.key[0] ^= 1;
+            all.push(extra);
+        }));
+        assert!(!edit(&|all| {
+            all.iter_mut().find(|e| ours(e)).unwrap().comment = None;
+        }));
+        // Another sandbox's elements do not matter to it.
+        assert!(edit(&|all| all.retain(|e| ours(e))));
+        assert!(tool.calls().is_empty(), "no program: {:?}", tool.calls());
+    }
+
+    #[test]
+    fn check_reads_again_while_the_table_changes_and_says_so_when_it_never_holds_still() {
+        let (fw, _tool, kernel) = backend();
+        let record = examples::one_tcp();
+        fw.add(&record).unwrap();
+        let interrupted = |n: usize| {
+            kernel
+                .element_reads
+                .lock()
+                .unwrap()
+                .extend((0..n).map(|_| Ok(ElementsRead::Interrupted)));
+        };
+        interrupted(4);
+        assert!(fw.verify(&record).unwrap());
+        interrupted(5);
+        let err = fw.verify(&record).unwrap_err().to_string();
+        assert!(
+            err.contains("kept changing") && err.contains(&record.pod.to_string()),
+            "{err}"
         );
     }
 
@@ -429,8 +479,8 @@ mod tests {
             tool.calls().last().unwrap(),
             &format!("nft -f -\n{}", nft::teardown("randport"))
         );
-        // With no reference the same shape is checked by listing again.
-        tool.answer("nft", "-t", Err(no_table()));
+        // With no reference the same shape is not taken as ours: no listing either.
         assert!(!fw.intact(&[]).unwrap());
+        assert_eq!(tool.calls().len(), 2, "{:?}", tool.calls());
     }
 }
