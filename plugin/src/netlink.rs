@@ -220,14 +220,17 @@ impl TableShape {
     }
 }
 
-/// The outcome of reading a table's shape.
+/// The outcome of reading something with netlink dumps.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ShapeRead {
-    /// The shape (empty when the table does not exist).
-    Shape(TableShape),
+pub enum Reading<T> {
+    /// What was read (nothing of a table or set that does not exist).
+    Read(T),
     /// The ruleset changed while the kernel answered; read again later.
     Interrupted,
 }
+
+/// The outcome of reading a table's shape.
+pub type ShapeRead = Reading<TableShape>;
 
 /// Keeps the attributes of one chain, set or rule that describe it, dropping handles,
 /// positions, counters, a set's element count and the values of counter expressions.
@@ -321,7 +324,7 @@ pub fn nft_table_shape(table: &str) -> std::io::Result<ShapeRead> {
         );
         let answers = match dump(&sock, &request) {
             Ok(Some(answers)) => answers,
-            Ok(None) => return Ok(ShapeRead::Interrupted),
+            Ok(None) => return Ok(Reading::Interrupted),
             // No such table: nothing of it.
             Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => Vec::new(),
             Err(e) => return Err(e),
@@ -337,7 +340,7 @@ pub fn nft_table_shape(table: &str) -> std::io::Result<ShapeRead> {
             }
         }
     }
-    Ok(ShapeRead::Shape(TableShape { objects }))
+    Ok(Reading::Read(TableShape { objects }))
 }
 
 #[cfg(test)]

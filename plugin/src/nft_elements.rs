@@ -17,7 +17,7 @@ use randport_core::render::nft::{Field, SetElement};
 #[cfg(test)]
 use crate::netlink::messages;
 use crate::netlink::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_ERROR, attrs, error_code, find,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_ERROR, Reading, attrs, error_code, find,
     message_for as message, socket,
 };
 
@@ -292,13 +292,7 @@ pub fn stored(e: &SetElement) -> StoredElement {
 }
 
 /// The outcome of reading the elements of our sets.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ElementsRead {
-    /// Every element of the sets read (none of a set or table that is not there).
-    Elements(Vec<StoredElement>),
-    /// The ruleset changed while the kernel answered; read again.
-    Interrupted,
-}
+pub type ElementsRead = Reading<Vec<StoredElement>>;
 
 /// The elements in one NEWSETELEM message of a dump (set named in the message).
 pub fn parse_elements(body: &[u8]) -> Vec<StoredElement> {
@@ -367,13 +361,13 @@ pub fn read(table: &str, sets: &[&str]) -> std::io::Result<ElementsRead> {
                     .filter(|(kind, _)| *kind == NFT_MSG_NEWSETELEM)
                     .flat_map(|(_, body)| parse_elements(body)),
             ),
-            Ok(None) => return Ok(ElementsRead::Interrupted),
+            Ok(None) => return Ok(Reading::Interrupted),
             // No such table or set: no elements in it.
             Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(ElementsRead::Elements(out))
+    Ok(Reading::Read(out))
 }
 
 /// (sequence number, type, body) of each message in a buffer.

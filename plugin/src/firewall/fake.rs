@@ -11,7 +11,7 @@ use randport_core::{SandboxId, SandboxRecord};
 use super::nft::NftKernel;
 use super::tool::{Tool, ToolError};
 use super::{Firewall, FirewallError};
-use crate::netlink::{ShapeRead, TableShape};
+use crate::netlink::{Reading, ShapeRead, TableShape};
 use crate::nft_elements::{self, BatchError, ElementsRead, Op, StoredElement};
 
 /// Queued answers of a program, by `program first-arg`.
@@ -136,7 +136,7 @@ impl NftKernel for FakeKernel {
         {
             return next;
         }
-        Ok(ShapeRead::Shape(
+        Ok(Reading::Read(
             self.shape_default
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -154,7 +154,7 @@ impl NftKernel for FakeKernel {
             .unwrap_or_else(|e| e.into_inner())
             .pop_front();
         scripted.unwrap_or_else(|| {
-            Ok(ElementsRead::Elements(
+            Ok(Reading::Read(
                 self.stored
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())

@@ -8,7 +8,7 @@ use randport_core::render::nft;
 
 use super::tool::{SYSTEM, Tool};
 use super::{Firewall, FirewallError};
-use crate::netlink::{ShapeRead, TableShape};
+use crate::netlink::{Reading, ShapeRead, TableShape};
 use crate::nft_elements::{self, BatchError, ElementsRead, Op, StoredElement};
 
 /// What the nftables backend asks of the kernel directly, over netlink.
@@ -115,26 +115,30 @@ impl NftFirewall {
         self.loaded.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The table's shape now; None when every one of five readings was interrupted by
-    /// a change (each is three small dumps, so pods coming and going rarely spoil more
-    /// than one).
-    fn shape(&self) -> Result<Option<TableShape>, FirewallError> {
+    /// What `read` reads once it holds still; None when every one of five readings was
+    /// interrupted by a change (each is a few small dumps, so pods coming and going
+    /// rarely spoil more than one).
+    fn settled<T>(
+        &self,
+        what: &str,
+        read: impl Fn() -> std::io::Result<Reading<T>>,
+    ) -> Result<Option<T>, FirewallError> {
         for _ in 0..5 {
-            match self.kernel.shape(&self.table) {
-                Ok(ShapeRead::Shape(shape)) => return Ok(Some(shape)),
-                Ok(ShapeRead::Interrupted) => continue,
+            match read() {
+                Ok(Reading::Read(value)) => return Ok(Some(value)),
+                Ok(Reading::Interrupted) => continue,
                 Err(e) => {
-                    return Err(self.err(
-                        format!(
-                            "reading the chains, sets and rules of table inet {}",
-                            self.table
-                        ),
-                        e.to_string(),
-                    ));
+                    let what = format!("reading the {what} of table inet {}", self.table);
+                    return Err(self.err(what, e.to_string()));
                 }
             }
         }
         Ok(None)
+    }
+
+    /// The table's shape now (see [`NftFirewall::settled`]).
+    fn shape(&self) -> Result<Option<TableShape>, FirewallError> {
+        self.settled("chains, sets and rules", || self.kernel.shape(&self.table))
     }
 
     /// The table's shape now if it has every chain, set and rule of ours: someone may
@@ -145,22 +149,9 @@ impl NftFirewall {
         (shape.counts() == nft::object_counts(self.options)).then_some(shape)
     }
 
-    /// Every element of our sets now; None when every one of five readings was
-    /// interrupted by a change.
+    /// Every element of our sets now (see [`NftFirewall::settled`]).
     fn stored_elements(&self) -> Result<Option<Vec<StoredElement>>, FirewallError> {
-        for _ in 0..5 {
-            match self.kernel.elements(&self.table) {
-                Ok(ElementsRead::Elements(elements)) => return Ok(Some(elements)),
-                Ok(ElementsRead::Interrupted) => continue,
-                Err(e) => {
-                    return Err(self.err(
-                        format!("reading the map elements of table inet {}", self.table),
-                        e.to_string(),
-                    ));
-                }
-            }
-        }
-        Ok(None)
+        self.settled("map elements", || self.kernel.elements(&self.table))
     }
 }
 
@@ -351,7 +342,7 @@ mod tests {
             .shapes
             .lock()
             .unwrap()
-            .extend((0..5).map(|_| Ok(ShapeRead::Interrupted)));
+            .extend((0..5).map(|_| Ok(Reading::Interrupted)));
         assert!(fw.intact(&[]).unwrap(), "no verdict while it changes");
         assert!(!fw.intact(&[]).unwrap(), "then the change is seen");
         // Never a listing, whatever the table looked like.
@@ -457,7 +448,7 @@ mod tests {
                 .element_reads
                 .lock()
                 .unwrap()
-                .extend((0..n).map(|_| Ok(ElementsRead::Interrupted)));
+                .extend((0..n).map(|_| Ok(Reading::Interrupted)));
         };
         interrupted(4);
         assert!(fw.verify(&record).unwrap());
