@@ -350,6 +350,34 @@ fn traffic_reaches_the_right_pod_and_stops_after_del(backend: &'static str) {
     // ADD again: same ports. CHECK passes.
     assert_eq!(cluster.add("pod-a"), (a_tcp, a_udp));
     assert!(cluster.cni("CHECK", "sb-pod-a", "pod-a").0);
+    if backend == "nftables" {
+        // One of its map elements deleted by hand (the watchdog leaves elements to CHECK):
+        // CHECK fails with code 105, pod-b's passes. The same element put back by hand,
+        // comment and all, satisfies it again.
+        let key = format!("udp . {a_udp}");
+        let nft = |verb: &str, element: &str| {
+            let element = format!("{{ {element} }}");
+            cluster.node.sh(
+                "nft",
+                &[verb, "element", "inet", "randport", "hostports4", &element],
+                "",
+            );
+        };
+        nft("delete", &key);
+        let (ok, out) = cluster.cni("CHECK", "sb-pod-a", "pod-a");
+        let code = serde_json::from_str::<Value>(&out).map(|v| v["code"].clone());
+        assert!(
+            !ok && code.ok() == Some(json!(105)),
+            "CHECK after a lost element: {out}"
+        );
+        assert!(cluster.cni("CHECK", "sb-pod-b", "pod-b").0);
+        let tag = randport_core::SandboxId("sb-pod-a".into()).tag();
+        nft(
+            "add",
+            &format!("{key} comment \"{tag}\" : 198.18.0.2 . 8081"),
+        );
+        assert!(cluster.cni("CHECK", "sb-pod-a", "pod-a").0);
+    }
     // The host port is held on the node: nothing else can bind it.
     let held = cluster
         .node
@@ -694,6 +722,13 @@ fn privileged_host_ports_work_with_exactly_the_daemonsets_capabilities() {
         TcpListener::bind("0.0.0.0:80").is_err() && UdpSocket::bind("0.0.0.0:443").is_err()
     });
     assert!(held, "hostPorts 80 and 443 are not held");
+    // CHECK reads the elements over netlink: with these capabilities too.
+    let (ok, out) = cluster.cni("CHECK", "sb-pod-a", "pod-a");
+    assert!(
+        ok,
+        "CHECK under the DaemonSet's capabilities failed: {out}\nagent log:\n{}",
+        std::fs::read_to_string(&agent.log).unwrap_or_default()
+    );
     assert!(cluster.cni("DEL", "sb-pod-a", "pod-a").0);
 }
 
