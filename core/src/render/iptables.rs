@@ -322,31 +322,16 @@ pub fn rules(family: IpFamily, record: &SandboxRecord) -> Vec<Rule> {
     for d in dnats(record).filter(|d| is(family, &d.pod_ip)) {
         let m = d.mapping;
         let proto = m.protocol.as_lower();
-        let mut args: Vec<String> = Vec::new();
-        if let Some(ip) = m.host_ip {
-            args.extend(["-d".into(), format!("{ip}/{bits}")]);
+        let dst = m.host_ip.map(|ip| format!("{ip}/{bits}"));
+        let port = m.host_port.to_string();
+        let to = endpoint(&d.pod_ip, m.container_port);
+        let mut args: Vec<&str> = Vec::new();
+        if let Some(dst) = &dst {
+            args.extend(["-d", dst]);
         }
-        args.extend(
-            [
-                "-p",
-                proto,
-                "-m",
-                proto,
-                "--dport",
-                &m.host_port.to_string(),
-            ]
-            .map(String::from),
-        );
-        args.extend(["-m", "comment", "--comment", &tag].map(String::from));
-        args.extend(
-            [
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &endpoint(&d.pod_ip, m.container_port),
-            ]
-            .map(String::from),
-        );
+        args.extend(["-p", proto, "-m", proto, "--dport", &port]);
+        args.extend(["-m", "comment", "--comment", &tag]);
+        args.extend(["-j", "DNAT", "--to-destination", &to]);
         out.push(Rule::new(HOSTPORTS_CHAIN, args));
     }
     for ip in hairpin_ips(record).into_iter().filter(|ip| is(family, ip)) {
