@@ -180,7 +180,7 @@ const NLM_F_DUMP_INTR: u16 = 0x10;
 const NFPROTO_INET: u8 = 1;
 
 /// One netlink attribute: type, payload, padding.
-fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
     let len = 4 + payload.len();
     let mut b = Vec::with_capacity((len + 3) & !3);
     b.extend((len as u16).to_ne_bytes());
@@ -191,7 +191,7 @@ fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 /// A string attribute (NUL-terminated, as the kernel wants).
-fn str_attr(kind: u16, value: &str) -> Vec<u8> {
+pub(crate) fn str_attr(kind: u16, value: &str) -> Vec<u8> {
     let mut payload = value.as_bytes().to_vec();
     payload.push(0);
     attr(kind, &payload)

@@ -17,8 +17,8 @@ use randport_core::render::nft::{Field, SetElement};
 #[cfg(test)]
 use crate::netlink::messages;
 use crate::netlink::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_ERROR, Reading, attrs, error_code, find,
-    message_for as message, socket,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_ERROR, Reading, attr, attrs, error_code, find,
+    message_for as message, socket, str_attr,
 };
 
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
@@ -77,20 +77,6 @@ impl BatchError {
     }
 }
 
-fn push_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    let len = 4 + payload.len();
-    buf.extend((len as u16).to_ne_bytes());
-    buf.extend(kind.to_ne_bytes());
-    buf.extend(payload);
-    buf.resize((buf.len() + 3) & !3, 0);
-}
-
-fn push_str(buf: &mut Vec<u8>, kind: u16, value: &str) {
-    let mut payload = value.as_bytes().to_vec();
-    payload.push(0);
-    push_attr(buf, kind, &payload);
-}
-
 /// A concatenation as nftables stores it: each field in whole 4-byte registers.
 pub fn concat(fields: &[Field]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -108,15 +94,12 @@ pub fn concat(fields: &[Field]) -> Vec<u8> {
 
 /// The element's attributes inside NFTA_LIST_ELEM.
 fn element(e: &SetElement, with_value_and_comment: bool) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut key = Vec::new();
-    push_attr(&mut key, NFTA_DATA_VALUE, &concat(&e.key));
-    push_attr(&mut out, NFTA_SET_ELEM_KEY | NLA_F_NESTED, &key);
+    let key = attr(NFTA_DATA_VALUE, &concat(&e.key));
+    let mut out = attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, &key);
     if with_value_and_comment {
         if let Some(value) = &e.value {
-            let mut data = Vec::new();
-            push_attr(&mut data, NFTA_DATA_VALUE, &concat(value));
-            push_attr(&mut out, NFTA_SET_ELEM_DATA | NLA_F_NESTED, &data);
+            let data = attr(NFTA_DATA_VALUE, &concat(value));
+            out.extend(attr(NFTA_SET_ELEM_DATA | NLA_F_NESTED, &data));
         }
     }
     out
@@ -127,7 +110,7 @@ fn with_comment(e: &SetElement) -> Vec<u8> {
     let mut udata = vec![UDATA_SET_ELEM_COMMENT, (e.tag.len() + 1) as u8];
     udata.extend(e.tag.as_bytes());
     udata.push(0);
-    push_attr(&mut out, NFTA_SET_ELEM_USERDATA, &udata);
+    out.extend(attr(NFTA_SET_ELEM_USERDATA, &udata));
     out
 }
 
@@ -146,15 +129,10 @@ pub fn batch(table: &str, ops: &[(Op, &SetElement)], seq: u32) -> (Vec<u8>, Vec<
     let mut next = seq + 1;
     let mut one = |kind: u16, flags: u16, set: &str, elem: Vec<u8>, what: String| {
         let mut attrs = Vec::new();
-        push_str(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table);
-        push_str(&mut attrs, NFTA_SET_ELEM_LIST_SET, set);
-        let mut list = Vec::new();
-        push_attr(&mut list, NFTA_LIST_ELEM | NLA_F_NESTED, &elem);
-        push_attr(
-            &mut attrs,
-            NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED,
-            &list,
-        );
+        attrs.extend(str_attr(NFTA_SET_ELEM_LIST_TABLE, table));
+        attrs.extend(str_attr(NFTA_SET_ELEM_LIST_SET, set));
+        let list = attr(NFTA_LIST_ELEM | NLA_F_NESTED, &elem);
+        attrs.extend(attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, &list));
         out.extend(message(
             (NFNL_SUBSYS_NFTABLES << 8) | kind,
             NLM_F_REQUEST | NLM_F_ACK | flags,
@@ -344,8 +322,8 @@ pub fn read(table: &str, sets: &[&str]) -> std::io::Result<ElementsRead> {
     let mut out = Vec::new();
     for (seq, set) in (1..).zip(sets) {
         let mut attrs = Vec::new();
-        push_str(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table);
-        push_str(&mut attrs, NFTA_SET_ELEM_LIST_SET, set);
+        attrs.extend(str_attr(NFTA_SET_ELEM_LIST_TABLE, table));
+        attrs.extend(str_attr(NFTA_SET_ELEM_LIST_SET, set));
         let request = message(
             (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM,
             NLM_F_REQUEST | NLM_F_DUMP,
