@@ -32,13 +32,16 @@ pub enum CniCode {
     MappingMissing,
     /// 106: a DEL could not remove everything.
     CleanupIncomplete,
+    /// 107: the sandbox was deleted (DEL or GC) while or before its ADD ran; the ADD was
+    /// undone.
+    SandboxDeleted,
     /// 126: the caller may not use the agent's socket.
     PermissionDenied,
 }
 
 impl CniCode {
     /// Every code, in numeric order.
-    pub const ALL: [CniCode; 14] = [
+    pub const ALL: [CniCode; 15] = [
         CniCode::IncompatibleVersion,
         CniCode::InvalidEnvValue,
         CniCode::IoFailure,
@@ -52,6 +55,7 @@ impl CniCode {
         CniCode::WritebackFailed,
         CniCode::MappingMissing,
         CniCode::CleanupIncomplete,
+        CniCode::SandboxDeleted,
         CniCode::PermissionDenied,
     ];
 
@@ -71,6 +75,7 @@ impl CniCode {
             CniCode::WritebackFailed => 104,
             CniCode::MappingMissing => 105,
             CniCode::CleanupIncomplete => 106,
+            CniCode::SandboxDeleted => 107,
             CniCode::PermissionDenied => 126,
         }
     }
@@ -91,6 +96,7 @@ impl CniCode {
             CniCode::WritebackFailed => "annotation writeback failed",
             CniCode::MappingMissing => "mapping missing",
             CniCode::CleanupIncomplete => "cleanup incomplete",
+            CniCode::SandboxDeleted => "sandbox deleted during ADD",
             CniCode::PermissionDenied => "permission denied",
         }
     }

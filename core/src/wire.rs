@@ -32,8 +32,10 @@ pub enum Request {
     },
     /// Release every sandbox not listed.
     Gc {
-        /// The sandboxes that remain valid.
-        valid: Vec<SandboxId>,
+        /// The sandboxes that remain valid; `None` when the runtime sent no
+        /// `cni.dev/valid-attachments` (then nothing is released).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        valid: Option<Vec<SandboxId>>,
     },
     /// Is the agent ready?
     Status,
@@ -94,7 +96,7 @@ mod tests {
         });
         insta::assert_snapshot!(serde_json::to_string(&add).unwrap(), @r#"{"verb":"ADD","sandbox":"abc","pod":{"namespace":"default","name":"web-0","uid":""},"podIps":["198.18.0.5"]}"#);
         let gc = Request::Gc {
-            valid: vec![SandboxId("a".into())],
+            valid: Some(vec![SandboxId("a".into())]),
         };
         assert_eq!(
             serde_json::to_string(&gc).unwrap(),

@@ -6,9 +6,9 @@
 //! retries), plan and hold every host port, persist the record, apply the firewall
 //! change, flush UDP/SCTP conntrack, write the annotation.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use randport_core::annotation::{self, AnnotationError};
@@ -38,6 +38,10 @@ pub struct AgentConfig {
     pub annotation_key: String,
     /// How long an ADD waits for a pod the source does not know yet.
     pub pod_wait: Duration,
+    /// How long one ADD may take in all, from its arrival to its answer: past it, the ADD
+    /// stops at its next step and undoes what it did. Shorter than the plugin's timeout
+    /// ([`crate::cni::AGENT_TIMEOUT`]), so that the agent gives up before the runtime does.
+    pub add_deadline: Duration,
     /// Who maps explicit hostPorts.
     pub host_ports: HostPorts,
     /// The node's CNI config directory: in [`HostPorts::Auto`], an ADD with explicit
@@ -161,6 +165,46 @@ pub enum AgentError {
     /// Several cleanup steps failed.
     #[error("{}", .0.join("; "))]
     Cleanup(Vec<String>),
+    /// A DEL or GC of the sandbox came while (or before) its ADD ran: the ADD was undone.
+    #[error(
+        "sandbox {sandbox} of pod {pod} was deleted {when}; this ADD stopped and undid what it \
+         had done (the runtime gave up on it), nothing is mapped for it"
+    )]
+    SandboxDeleted {
+        /// The sandbox.
+        sandbox: SandboxId,
+        /// The pod.
+        pod: PodRef,
+        /// When, in the ADD's course.
+        when: String,
+    },
+    /// The ADD ran past the agent's deadline and was undone.
+    #[error(
+        "the ADD of sandbox {sandbox} of pod {pod} took longer than {limit:?} (at {step}); it \
+         was undone so that the runtime's retry starts clean: see the agent's log for the slow \
+         step (usually the API server)"
+    )]
+    Deadline {
+        /// The sandbox.
+        sandbox: SandboxId,
+        /// The pod.
+        pod: PodRef,
+        /// The step it had reached.
+        step: &'static str,
+        /// The deadline.
+        limit: Duration,
+    },
+    /// The sandbox is being removed (a DEL whose cleanup failed is retried).
+    #[error(
+        "sandbox {sandbox} of pod {pod} is being removed (a DEL of it did not finish); it cannot \
+         be added again: the runtime retries its DEL"
+    )]
+    Removing {
+        /// The sandbox.
+        sandbox: SandboxId,
+        /// The pod.
+        pod: PodRef,
+    },
 }
 
 impl AgentError {
@@ -188,6 +232,8 @@ impl AgentError {
             AgentError::Missing { .. } => CniCode::MappingMissing,
             AgentError::SandboxReused { .. } => CniCode::InvalidNetworkConfig,
             AgentError::Cleanup(_) => CniCode::CleanupIncomplete,
+            AgentError::SandboxDeleted { .. } => CniCode::SandboxDeleted,
+            AgentError::Deadline { .. } | AgentError::Removing { .. } => CniCode::TryAgainLater,
         }
     }
 
@@ -214,6 +260,9 @@ impl AgentError {
             AgentError::Missing { .. } => "check_missing",
             AgentError::SandboxReused { .. } => "sandbox_reused",
             AgentError::Cleanup(_) => "cleanup",
+            AgentError::SandboxDeleted { .. } => "sandbox_deleted",
+            AgentError::Deadline { .. } => "deadline",
+            AgentError::Removing { .. } => "removing",
         }
     }
 
@@ -228,10 +277,67 @@ impl AgentError {
     }
 }
 
+/// How long a DEL of a sandbox the agent did not know keeps a late ADD of it from
+/// running: longer than any runtime waits between giving up on an ADD and its DEL.
+pub const TOMBSTONE_TTL: Duration = Duration::from_secs(120);
+/// At most this many tombstones are kept (the oldest go first).
+const MAX_TOMBSTONES: usize = 10_000;
+
+/// An ADD in progress, as the DEL or GC of its sandbox and a second ADD of it see it.
+#[derive(Default)]
+struct AddTicket {
+    /// Set (under the agent's lock) by a DEL or GC of the sandbox: the ADD stops at its
+    /// next step and undoes what it did.
+    cancelled: AtomicBool,
+    /// Set when the ADD is over, whatever its outcome; a second ADD of the sandbox waits
+    /// for it on `over`.
+    done: Mutex<bool>,
+    over: Condvar,
+}
+
+impl AddTicket {
+    fn finish(&self) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.over.notify_all();
+    }
+
+    /// Waits until the ADD is over; false when `deadline` came first.
+    fn wait(&self, deadline: Instant) -> bool {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        while !*done {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            done = self
+                .over
+                .wait_timeout(done, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+/// A sandbox's operation lock: held around every effect on that one sandbox (holding its
+/// ports and recording it, saving, committing its rules, removing it), so an ADD's step
+/// and a DEL of the same sandbox never interleave. Taken before the agent's lock, never
+/// while holding it.
+type SandboxLock = Arc<Mutex<()>>;
+
 struct Inner {
     alloc: HostPortAllocator,
     records: BTreeMap<SandboxId, SandboxRecord>,
     holds: HashMap<SandboxId, Vec<HeldPort>>,
+    /// ADDs in progress.
+    adding: HashMap<SandboxId, Arc<AddTicket>>,
+    /// Sandboxes whose removal has begun and not finished (a failed DEL is retried): their
+    /// ports stay claimed and held, their rules are left out of every rebuild.
+    removing: HashSet<SandboxId>,
+    /// Sandboxes deleted before their ADD arrived, and when.
+    tombstones: HashMap<SandboxId, Instant>,
+    /// Per-sandbox operation locks, while someone uses them.
+    locks: HashMap<SandboxId, SandboxLock>,
     rng: fastrand::Rng,
 }
 
@@ -244,13 +350,55 @@ impl Inner {
         self.holds.remove(&record.sandbox);
     }
 
-    fn others(&self, sandbox: &SandboxId) -> Vec<SandboxRecord> {
+    /// The records whose rules the firewall must hold: all but those being removed.
+    fn wanted(&self) -> Vec<SandboxRecord> {
         self.records
             .values()
-            .filter(|r| &r.sandbox != sandbox)
+            .filter(|r| !self.removing.contains(&r.sandbox))
             .cloned()
             .collect()
     }
+
+    fn others(&self, sandbox: &SandboxId) -> Vec<SandboxRecord> {
+        let mut wanted = self.wanted();
+        wanted.retain(|r| &r.sandbox != sandbox);
+        wanted
+    }
+
+    fn sandbox_lock(&mut self, sandbox: &SandboxId) -> SandboxLock {
+        // Drop the locks nobody holds any more (the map keeps the only reference).
+        if self.locks.len() > 64 {
+            self.locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        }
+        Arc::clone(self.locks.entry(sandbox.clone()).or_default())
+    }
+
+    fn tombstone(&mut self, sandbox: &SandboxId) {
+        let now = Instant::now();
+        self.tombstones
+            .retain(|_, at| now.duration_since(*at) < TOMBSTONE_TTL);
+        if self.tombstones.len() >= MAX_TOMBSTONES
+            && let Some(oldest) = self
+                .tombstones
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(s, _)| s.clone())
+        {
+            self.tombstones.remove(&oldest);
+        }
+        self.tombstones.insert(sandbox.clone(), now);
+    }
+
+    fn tombstoned(&self, sandbox: &SandboxId) -> bool {
+        self.tombstones
+            .get(sandbox)
+            .is_some_and(|at| at.elapsed() < TOMBSTONE_TTL)
+    }
+}
+
+/// Locks a sandbox's operation lock.
+fn hold_sandbox(lock: &SandboxLock) -> MutexGuard<'_, ()> {
+    lock.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Where a queued addition's result goes.
@@ -272,6 +420,8 @@ pub struct StartReport {
     pub released: Vec<SandboxId>,
     /// Annotations rewritten.
     pub rewritten: Vec<PodRef>,
+    /// Older records released because a newer one claims the same host port.
+    pub conflicts: Vec<SandboxId>,
     /// Problems that did not stop the start, for the log.
     pub warnings: Vec<String>,
 }
@@ -341,6 +491,10 @@ impl Agent {
                 alloc,
                 records: BTreeMap::new(),
                 holds: HashMap::new(),
+                adding: HashMap::new(),
+                removing: HashSet::new(),
+                tombstones: HashMap::new(),
+                locks: HashMap::new(),
                 rng: fastrand::Rng::new(),
             }),
             ready: AtomicBool::new(false),
@@ -368,30 +522,74 @@ impl Agent {
     /// one transaction, reconciles with the pod source, and becomes ready.
     pub fn start(&self) -> Result<StartReport, AgentError> {
         let mut report = StartReport::default();
-        let mut inner = self.lock();
-        for record in self.state.load_all()? {
-            let mut holds = Vec::new();
-            for m in record.owned() {
-                let key = PortKey::on(m.protocol, m.host_ip);
-                if inner.alloc.claim(key, m.host_port).is_err() {
+        // The store lists records oldest first; the newest claim of a port wins, so they
+        // are taken newest first and an older record that claims a taken port loses.
+        let mut loaded = self.state.load_all()?;
+        let set_aside = self.state.set_aside();
+        self.metrics.count_corrupt_records(set_aside.len());
+        report.warnings.extend(set_aside);
+        loaded.reverse();
+        let mut newest_first = Vec::new();
+        {
+            let mut inner = self.lock();
+            for record in loaded {
+                let mut claimed = Vec::new();
+                let mut conflict = None;
+                for m in record.owned() {
+                    let key = PortKey::on(m.protocol, m.host_ip);
+                    if inner.alloc.claim(key, m.host_port).is_err() {
+                        conflict = Some((key, m.host_port));
+                        break;
+                    }
+                    claimed.push((key, m.host_port));
+                }
+                if let Some((key, port)) = conflict {
+                    for (key, port) in claimed {
+                        inner.alloc.release(key, port);
+                    }
+                    let owner = inner
+                        .records
+                        .values()
+                        .find(|r| {
+                            r.owned().any(|m| {
+                                m.host_port == port && PortKey::on(m.protocol, m.host_ip) == key
+                            })
+                        })
+                        .map(|r| format!("sandbox {} of pod {}", r.sandbox, r.pod))
+                        .unwrap_or_default();
+                    let deleted = match self.state.delete(&record.sandbox) {
+                        Ok(()) => "its record was deleted".to_owned(),
+                        Err(e) => format!("deleting its record failed too: {e}"),
+                    };
                     report.warnings.push(format!(
-                        "sandbox {}: host port {}/{key} is recorded twice",
-                        record.sandbox, m.host_port
-                    ));
-                }
-                match self.holder.hold(key, m.host_port) {
-                    Ok(held) => holds.push(held),
-                    Err(e) => report.warnings.push(format!(
-                        "pod {}: {e}; its mapping stays, but the port is not held",
+                        "sandbox {} of pod {} and the newer {owner} both claim host port {port}/{key}: \
+                         the newer keeps it, the older was released ({deleted})",
+                        record.sandbox,
                         record.pod
-                    )),
+                    ));
+                    report.conflicts.push(record.sandbox.clone());
+                    continue;
                 }
+                let mut holds = Vec::new();
+                for m in record.owned() {
+                    match self
+                        .holder
+                        .hold(PortKey::on(m.protocol, m.host_ip), m.host_port)
+                    {
+                        Ok(held) => holds.push(held),
+                        Err(e) => report.warnings.push(format!(
+                            "pod {}: {e}; its mapping stays, but the port is not held",
+                            record.pod
+                        )),
+                    }
+                }
+                inner.holds.insert(record.sandbox.clone(), holds);
+                inner.records.insert(record.sandbox.clone(), record.clone());
+                newest_first.push(record);
             }
-            inner.holds.insert(record.sandbox.clone(), holds);
-            inner.records.insert(record.sandbox.clone(), record);
+            report.restored = inner.records.len();
         }
-        report.restored = inner.records.len();
-        let all: Vec<SandboxRecord> = inner.records.values().cloned().collect();
+        let all = self.lock().wanted();
         self.firewall.replace_all(&all)?;
 
         // One listing of this node's pods (the API source waits for its watch to sync);
@@ -402,7 +600,10 @@ impl Agent {
                     .into_iter()
                     .map(|p| ((p.pod.namespace.clone(), p.pod.name.clone()), p))
                     .collect();
-                for record in all {
+                // Only a pod's newest sandbox writes its annotation.
+                let mut annotated: HashSet<(String, String)> = HashSet::new();
+                let mut stale = Vec::new();
+                for record in &newest_first {
                     let key = (record.pod.namespace.clone(), record.pod.name.clone());
                     match pods.get(&key) {
                         Some(pod)
@@ -410,6 +611,9 @@ impl Agent {
                                 || pod.pod.uid.is_empty()
                                 || pod.pod.uid == record.pod.uid =>
                         {
+                            if !annotated.insert(key) {
+                                continue;
+                            }
                             let value = annotation::encode(&record.annotation_entries());
                             if pod.annotation.as_ref().is_some_and(|v| *v != value) {
                                 match self.pods.write_annotation(&record.pod, &value) {
@@ -420,13 +624,15 @@ impl Agent {
                                 }
                             }
                         }
-                        _ => {
-                            if let Err(e) = self.remove_locked(&mut inner, &record.sandbox) {
-                                report.warnings.push(e.to_string());
-                            }
-                            report.released.push(record.sandbox.clone());
-                        }
+                        _ => stale.push(record.sandbox.clone()),
                     }
+                }
+                stale.sort();
+                for sandbox in stale {
+                    if let Err(e) = self.remove(&sandbox) {
+                        report.warnings.push(e.to_string());
+                    }
+                    report.released.push(sandbox);
                 }
             }
             Err(e) => report.warnings.push(format!(
@@ -437,22 +643,57 @@ impl Agent {
         Ok(report)
     }
 
-    fn resolve_pod(&self, pod: &PodRef) -> Result<crate::pods::PodInfo, AgentError> {
+    fn resolve_pod(
+        &self,
+        req: &AddRequest,
+        ticket: &AddTicket,
+        deadline: Instant,
+    ) -> Result<crate::pods::PodInfo, AgentError> {
         // The pod may be moments old: the API source's watch may not have it yet and a GET
-        // may race its creation. Short retries, growing from 20 ms to 320 ms.
-        let deadline = Instant::now() + self.config.pod_wait;
+        // may race its creation. Short retries, growing from 20 ms to 320 ms, each after a
+        // look at whether the runtime gave up (a DEL came) or the deadline passed.
+        let wait_until = (Instant::now() + self.config.pod_wait).min(deadline);
         let mut pause = Duration::from_millis(20);
         loop {
-            match self.pods.get(pod) {
-                Err(PodError::NotFound { .. }) if Instant::now() < deadline => {
+            let result = self.pods.get(&req.pod);
+            self.still_wanted(req, ticket, deadline, "the pod lookup")?;
+            match result {
+                Err(PodError::NotFound { .. }) if Instant::now() < wait_until => {
                     std::thread::sleep(
-                        pause.min(deadline.saturating_duration_since(Instant::now())),
+                        pause.min(wait_until.saturating_duration_since(Instant::now())),
                     );
                     pause = (pause * 2).min(Duration::from_millis(320));
                 }
                 other => return Ok(other?),
             }
         }
+    }
+
+    /// Whether an ADD may go on: not cancelled by a DEL or GC of its sandbox, not past its
+    /// deadline. `step` is what it has just done or is about to do, for the error.
+    fn still_wanted(
+        &self,
+        req: &AddRequest,
+        ticket: &AddTicket,
+        deadline: Instant,
+        step: &'static str,
+    ) -> Result<(), AgentError> {
+        if ticket.cancelled.load(Ordering::SeqCst) {
+            return Err(AgentError::SandboxDeleted {
+                sandbox: req.sandbox.clone(),
+                pod: req.pod.clone(),
+                when: format!("while its ADD was at {step}"),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(AgentError::Deadline {
+                sandbox: req.sandbox.clone(),
+                pod: req.pod.clone(),
+                step,
+                limit: self.config.add_deadline,
+            });
+        }
+        Ok(())
     }
 
     /// ADD: maps the pod's ports for the sandbox; returns the record (none when the pod
@@ -494,12 +735,66 @@ impl Agent {
             return Err(AgentError::NotReady(self.config.node_name.clone()));
         }
         validate_id(&req.sandbox)?;
-        if let Some(existing) = self.existing(req)? {
-            return Ok(Some(existing));
+        let deadline = Instant::now() + self.config.add_deadline;
+        // One ADD of a sandbox at a time: a second one waits for the first and then
+        // answers with its record (or runs itself, if the first failed).
+        let ticket = loop {
+            let running = {
+                let mut inner = self.lock();
+                if inner.tombstoned(&req.sandbox) {
+                    return Err(AgentError::SandboxDeleted {
+                        sandbox: req.sandbox.clone(),
+                        pod: req.pod.clone(),
+                        when: "before its ADD arrived (a DEL or GC came first)".into(),
+                    });
+                }
+                match inner.adding.get(&req.sandbox) {
+                    Some(ticket) => Arc::clone(ticket),
+                    None => {
+                        if let Some(existing) = self.existing(&inner, req)? {
+                            return Ok(Some(existing));
+                        }
+                        let ticket = Arc::new(AddTicket::default());
+                        inner
+                            .adding
+                            .insert(req.sandbox.clone(), Arc::clone(&ticket));
+                        break ticket;
+                    }
+                }
+            };
+            if !running.wait(deadline) {
+                return Err(AgentError::Deadline {
+                    sandbox: req.sandbox.clone(),
+                    pod: req.pod.clone(),
+                    step: "waiting for another ADD of the same sandbox",
+                    limit: self.config.add_deadline,
+                });
+            }
+        };
+        let result = self.add_steps(req, &ticket, deadline);
+        {
+            let mut inner = self.lock();
+            if inner
+                .adding
+                .get(&req.sandbox)
+                .is_some_and(|t| Arc::ptr_eq(t, &ticket))
+            {
+                inner.adding.remove(&req.sandbox);
+            }
         }
+        ticket.finish();
+        result
+    }
 
-        // 1. The pod (without the lock: it may wait for a pod the source lacks yet).
-        let pod = self.resolve_pod(&req.pod)?;
+    /// The ADD's steps, each undone if a later one fails or the ADD is cancelled.
+    fn add_steps(
+        &self,
+        req: &AddRequest,
+        ticket: &AddTicket,
+        deadline: Instant,
+    ) -> Result<Option<SandboxRecord>, AgentError> {
+        // 1. The pod (without any lock: it may wait for a pod the source lacks yet).
+        let pod = self.resolve_pod(req, ticket, deadline)?;
         if let Some(value) = &pod.annotation {
             annotation::decode(&req.pod, value)?;
         }
@@ -518,12 +813,14 @@ impl Agent {
             leave_explicit,
         };
 
+        let sandbox_lock = self.lock().sandbox_lock(&req.sandbox);
+        let op = hold_sandbox(&sandbox_lock);
         let record = {
             let mut guard = self.lock();
             let inner = &mut *guard;
-            if let Some(existing) = inner.records.get(&req.sandbox) {
-                return Ok(Some(existing.clone()));
-            }
+            // Checked under the agent's lock, where a DEL sets it: either the DEL sees
+            // the record below, or this ADD sees the DEL.
+            self.still_wanted(req, ticket, deadline, "planning its ports")?;
             // 2 and 3. Plan, holding every port as it is chosen.
             let mut holds: Vec<HeldPort> = Vec::new();
             let mut hard_error: Option<HoldError> = None;
@@ -558,7 +855,9 @@ impl Agent {
             if record.owned().next().is_none() {
                 // Nothing for randport to map (no ports, or only ones another plugin maps).
                 drop(guard);
+                drop(op);
                 if request.mapping_requested {
+                    self.still_wanted(req, ticket, deadline, "writing the annotation back")?;
                     let value = annotation::encode(&record.annotation_entries());
                     self.pods
                         .write_annotation(&record.pod, &value)
@@ -566,36 +865,56 @@ impl Agent {
                 }
                 return Ok(None);
             }
-            // The ports are ours from here on; the lock is not held for the I/O below.
+            // The ports are ours from here on; the agent's lock is not held for the I/O
+            // below, the sandbox's is (a DEL of it waits for the step to end).
             inner.holds.insert(record.sandbox.clone(), holds);
             inner.records.insert(record.sandbox.clone(), record.clone());
             record
         };
-        let undo = |error: AgentError| {
-            let mut inner = self.lock();
-            if inner.records.get(&record.sandbox) == Some(&record) {
-                inner.records.remove(&record.sandbox);
-                inner.release(&record);
-                let _ = self.state.delete(&record.sandbox);
+        // Undoes this ADD through the one removal path (the sandbox's lock is held).
+        let undo = |error: AgentError| match self.remove_record(&record.sandbox, Some(&record)) {
+            Ok(_) => error,
+            Err(cleanup) => {
+                tracing::error!(
+                    pod = %record.pod,
+                    sandbox = %record.sandbox,
+                    error = %cleanup,
+                    "undoing a failed ADD did not finish; the record stays, marked removing"
+                );
+                error
             }
-            error
         };
 
-        // 4. Persist (concurrent ADDs fsync in parallel).
+        // 4. Persist (concurrent ADDs write in parallel).
+        self.still_wanted(req, ticket, deadline, "saving its record")
+            .map_err(undo)?;
         self.state.save(&record).map_err(|e| undo(e.into()))?;
         // 5. Firewall, in one transaction with the ADDs that arrive meanwhile.
+        self.still_wanted(req, ticket, deadline, "adding its rules")
+            .map_err(undo)?;
         self.commit_add(&record).map_err(|e| undo(e.into()))?;
+        self.still_wanted(req, ticket, deadline, "adding its rules")
+            .map_err(undo)?;
+        drop(op);
         // 6. Conntrack, after the rules, on the worker. A failure leaves stale UDP
         // flows, not a broken mapping: it is logged, not undone.
         self.flush_conntrack(&record, true);
-        // 7. Writeback, and a note on the pod for `kubectl describe`.
+        // 7. Writeback, and a note on the pod for `kubectl describe`. The sandbox's lock
+        // is not held while the API server is asked: a DEL of the sandbox meanwhile
+        // removes it at once, and this ADD then finds itself cancelled.
+        let undo_unlocked = |error: AgentError| {
+            let _op = hold_sandbox(&sandbox_lock);
+            undo(error)
+        };
         if request.mapping_requested {
+            self.still_wanted(req, ticket, deadline, "writing the annotation back")
+                .map_err(undo_unlocked)?;
             let value = annotation::encode(&record.annotation_entries());
             if let Err(e) = self.pods.write_annotation(&record.pod, &value) {
-                let mut inner = self.lock();
-                let _ = self.remove_locked(&mut inner, &record.sandbox);
-                return Err(AgentError::Writeback(e));
+                return Err(undo_unlocked(AgentError::Writeback(e)));
             }
+            self.still_wanted(req, ticket, deadline, "writing the annotation back")
+                .map_err(undo_unlocked)?;
             self.pods.mapped(
                 &record.pod,
                 &mapped_message(&record, &self.config.node_name),
@@ -605,9 +924,12 @@ impl Agent {
     }
 
     /// The record of a sandbox that was added already, or an error if it was added for
-    /// another pod.
-    fn existing(&self, req: &AddRequest) -> Result<Option<SandboxRecord>, AgentError> {
-        let inner = self.lock();
+    /// another pod or is being removed.
+    fn existing(
+        &self,
+        inner: &Inner,
+        req: &AddRequest,
+    ) -> Result<Option<SandboxRecord>, AgentError> {
         let Some(existing) = inner.records.get(&req.sandbox) else {
             return Ok(None);
         };
@@ -616,6 +938,12 @@ impl Agent {
                 sandbox: req.sandbox.clone(),
                 existing: existing.pod.clone(),
                 requested: req.pod.clone(),
+            });
+        }
+        if inner.removing.contains(&req.sandbox) {
+            return Err(AgentError::Removing {
+                sandbox: req.sandbox.clone(),
+                pod: existing.pod.clone(),
             });
         }
         Ok(Some(existing.clone()))
@@ -683,34 +1011,89 @@ impl Agent {
         self.conntrack.wait_idle(timeout)
     }
 
-    /// Removes a sandbox's rules, holds, conntrack entries and record, going on after
-    /// errors and reporting all of them.
-    fn remove_locked(&self, inner: &mut Inner, sandbox: &SandboxId) -> Result<(), AgentError> {
-        let Some(record) = inner.records.get(sandbox).cloned() else {
-            return Ok(());
+    /// The one removal of a sandbox (DEL, GC, reconciliation at start, an ADD undone):
+    /// its rules, then its conntrack entries and record; its ports are released last,
+    /// only when every step succeeded, so that nobody else gets a port whose rule may
+    /// still be there. Until then the record stays, marked removing (left out of every
+    /// rebuild of the rules), and the error lists every step that failed: the runtime
+    /// retries the DEL. With `only`, nothing is done unless the record is that one. The
+    /// caller holds the sandbox's lock; the agent's lock is not held for the I/O.
+    /// Returns whether there was a record.
+    fn remove_record(
+        &self,
+        sandbox: &SandboxId,
+        only: Option<&SandboxRecord>,
+    ) -> Result<bool, AgentError> {
+        let record = {
+            let mut inner = self.lock();
+            let Some(record) = inner.records.get(sandbox).cloned() else {
+                return Ok(false);
+            };
+            if only.is_some_and(|only| *only != record) {
+                return Ok(false);
+            }
+            inner.removing.insert(sandbox.clone());
+            record
         };
         let mut errors = Vec::new();
-        let remaining = || inner.others(sandbox);
-        if let Err(e) = self.firewall.remove_or_rebuild(&record, &remaining) {
-            errors.push(e.to_string());
+        let remaining = || self.lock().others(sandbox);
+        let rules_gone = match self.firewall.remove_or_rebuild(&record, &remaining) {
+            Ok(()) => true,
+            Err(e) => {
+                errors.push(e.to_string());
+                false
+            }
+        };
+        if rules_gone {
+            // Only now: a stale UDP flow must not be re-created through a rule still there.
+            self.flush_conntrack(&record, false);
+            if let Err(e) = self.state.delete(sandbox) {
+                errors.push(e.to_string());
+            }
         }
-        inner.release(&record);
-        inner.records.remove(sandbox);
-        self.flush_conntrack(&record, false);
-        if let Err(e) = self.state.delete(sandbox) {
-            errors.push(e.to_string());
-        }
+        let mut inner = self.lock();
         if errors.is_empty() {
-            Ok(())
+            inner.release(&record);
+            inner.records.remove(sandbox);
+            inner.removing.remove(sandbox);
+            Ok(true)
         } else {
+            self.metrics.count_removal_retry();
+            errors.push(format!(
+                "the record of pod {} stays, its ports held, until a retried DEL removes \
+                 everything",
+                record.pod
+            ));
             Err(AgentError::Cleanup(errors))
         }
     }
 
-    /// DEL: releases the sandbox; succeeds when there is nothing to release.
+    /// Removes a sandbox (taking its lock): DEL, GC and reconciliation.
+    fn remove(&self, sandbox: &SandboxId) -> Result<bool, AgentError> {
+        let lock = self.lock().sandbox_lock(sandbox);
+        let _op = hold_sandbox(&lock);
+        self.remove_record(sandbox, None)
+    }
+
+    /// Cancels the ADD of `sandbox` if one runs, and leaves a tombstone unless the
+    /// sandbox has a finished record (a late ADD of it then fails).
+    fn cancel_add(inner: &mut Inner, sandbox: &SandboxId) {
+        let running = inner.adding.get(sandbox).map(Arc::clone);
+        if let Some(ticket) = &running {
+            ticket.cancelled.store(true, Ordering::SeqCst);
+        }
+        if running.is_some() || !inner.records.contains_key(sandbox) {
+            inner.tombstone(sandbox);
+        }
+    }
+
+    /// DEL: releases the sandbox; succeeds when there is nothing to release. An ADD of it
+    /// that is still running is cancelled (it undoes itself; the DEL waits at most for
+    /// the step it is in), and a DEL that comes first keeps a late ADD from mapping it.
     pub fn del(&self, sandbox: &SandboxId) -> Result<(), AgentError> {
-        let mut inner = self.lock();
-        self.remove_locked(&mut inner, sandbox)
+        validate_id(sandbox)?;
+        Self::cancel_add(&mut self.lock(), sandbox);
+        self.remove(sandbox).map(|_| ())
     }
 
     /// CHECK: the sandbox's rules and holds are all there.
@@ -741,18 +1124,38 @@ impl Agent {
         Ok(())
     }
 
-    /// GC: releases every sandbox not in `valid`; returns how many.
-    pub fn gc(&self, valid: &[SandboxId]) -> Result<usize, AgentError> {
-        let mut inner = self.lock();
-        let stale: Vec<SandboxId> = inner
-            .records
-            .keys()
-            .filter(|s| !valid.contains(s))
-            .cloned()
-            .collect();
+    /// GC: releases every sandbox not in `valid` (and cancels their ADDs); returns how
+    /// many. Without a list (`cni.dev/valid-attachments` missing), nothing is released:
+    /// libcni DELs every attachment it knows itself before such a GC.
+    pub fn gc(&self, valid: Option<&[SandboxId]>) -> Result<usize, AgentError> {
+        let Some(valid) = valid else {
+            tracing::warn!(
+                "GC without cni.dev/valid-attachments: nothing released (the runtime DELs \
+                 each attachment it knows itself)"
+            );
+            return Ok(0);
+        };
+        let stale: Vec<SandboxId> = {
+            let mut inner = self.lock();
+            let running: Vec<SandboxId> = inner
+                .adding
+                .keys()
+                .filter(|s| !valid.contains(s))
+                .cloned()
+                .collect();
+            for sandbox in &running {
+                Self::cancel_add(&mut inner, sandbox);
+            }
+            inner
+                .records
+                .keys()
+                .filter(|s| !valid.contains(s))
+                .cloned()
+                .collect()
+        };
         let mut errors = Vec::new();
         for sandbox in &stale {
-            if let Err(e) = self.remove_locked(&mut inner, sandbox) {
+            if let Err(e) = self.remove(sandbox) {
                 errors.push(e.to_string());
             }
         }
@@ -761,6 +1164,19 @@ impl Agent {
         } else {
             Err(AgentError::Cleanup(errors))
         }
+    }
+
+    /// The ADDs in progress, by sandbox, and whether each was cancelled (a DEL or GC of
+    /// its sandbox came; it is undoing itself).
+    pub fn adds_in_progress(&self) -> Vec<(SandboxId, bool)> {
+        let mut adds: Vec<_> = self
+            .lock()
+            .adding
+            .iter()
+            .map(|(s, t)| (s.clone(), t.cancelled.load(Ordering::SeqCst)))
+            .collect();
+        adds.sort();
+        adds
     }
 
     /// Every record, by sandbox id.
@@ -830,7 +1246,7 @@ impl Agent {
 
     fn check_and_repair(&self) -> Result<bool, AgentError> {
         // The check runs without the lock, so that ADD and DEL never wait for it.
-        let snapshot: Vec<SandboxRecord> = self.lock().records.values().cloned().collect();
+        let snapshot: Vec<SandboxRecord> = self.lock().wanted();
         // Read before the check: a change during it shows as a newer generation next time.
         let seen = self
             .firewall
@@ -847,9 +1263,9 @@ impl Agent {
             return Ok(false);
         }
         *verified() = None;
+        // Under the lock, so that no ADD's commit lands between the snapshot and the load.
         let inner = self.lock();
-        let all: Vec<SandboxRecord> = inner.records.values().cloned().collect();
-        self.firewall.replace_all(&all)?;
+        self.firewall.replace_all(&inner.wanted())?;
         self.metrics.count_repair();
         Ok(true)
     }
@@ -930,7 +1346,7 @@ impl Agent {
                 r
             }
             Request::Check { sandbox } => self.check(&sandbox).map(|()| ok(vec![])),
-            Request::Gc { valid } => self.gc(&valid).map(|_| ok(vec![])),
+            Request::Gc { valid } => self.gc(valid.as_deref()).map(|_| ok(vec![])),
             Request::Status => Ok(ok(vec![])),
             Request::List => Ok(ok(self.list())),
         };

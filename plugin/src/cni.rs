@@ -20,6 +20,13 @@ use crate::rpc::{AddRequest, Request, Response, RpcError};
 pub const DEFAULT_SOCKET: &str = "/run/randport/randportd.sock";
 /// The agent's default state directory (its records).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/randport";
+/// How long the plugin waits for the agent's answer to one request. The agent's own ADD
+/// deadline (`--add-deadline-ms`, default [`DEFAULT_ADD_DEADLINE`]) is shorter, so that
+/// the agent gives up and undoes an ADD before the plugin does; both are shorter than the
+/// runtimes' CNI timeouts (docs/configuration.md).
+pub const AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The agent's default deadline for one ADD.
+pub const DEFAULT_ADD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// What a DEL does when the agent cannot be reached: removes the sandbox's mappings
 /// itself, given the agent's state directory (see [`crate::offline`]); the error says why
@@ -269,12 +276,12 @@ fn invoke(
             sandbox: need_container_id(env)?,
         },
         Cmd::Gc => Request::Gc {
-            valid: conf
-                .valid_attachments
-                .iter()
-                .flatten()
-                .map(|a| SandboxId(a.container_id.clone()))
-                .collect(),
+            valid: conf.valid_attachments.as_ref().map(|attachments| {
+                attachments
+                    .iter()
+                    .map(|a| SandboxId(a.container_id.clone()))
+                    .collect()
+            }),
         },
         Cmd::Status => Request::Status,
         Cmd::Version => return Ok(None),
@@ -499,9 +506,18 @@ mod tests {
         assert_eq!(
             seen.unwrap().1,
             Request::Gc {
-                valid: vec![SandboxId("a".into()), SandboxId("b".into())]
+                valid: Some(vec![SandboxId("a".into()), SandboxId("b".into())])
             }
         );
+    }
+
+    #[test]
+    fn gc_without_valid_attachments_sends_no_list() {
+        // libcni's GC without arguments DELs every attachment it knows, then sends GC with
+        // no key: that must not read as "nothing is valid".
+        let (out, seen) = run_with(&env("GC"), &conf("1.1.0"), ok());
+        assert!(out.success && out.stdout.is_empty());
+        assert_eq!(seen.unwrap().1, Request::Gc { valid: None });
     }
 
     #[test]

@@ -359,6 +359,7 @@ impl Conntrack for NetlinkConntrack {
 }
 
 /// Records every flush; for tests.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Default)]
 pub struct FakeConntrack {
     /// Every (key, port) flushed, in order.
@@ -367,6 +368,7 @@ pub struct FakeConntrack {
     pub kept: std::sync::Mutex<Vec<Vec<std::net::SocketAddr>>>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl Conntrack for FakeConntrack {
     fn flush_stale(
         &self,

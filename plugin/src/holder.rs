@@ -157,6 +157,7 @@ impl PortHolder for SocketHolder {
 
 /// A holder that holds nothing and refuses the ports it is told are busy, recording
 /// every call; for tests.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Default)]
 pub struct FakeHolder {
     /// Ports refused as busy.
@@ -165,6 +166,7 @@ pub struct FakeHolder {
     pub calls: std::sync::Mutex<Vec<(PortKey, u16)>>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl PortHolder for FakeHolder {
     fn hold(&self, key: PortKey, port: u16) -> Result<HeldPort, HoldError> {
         self.calls

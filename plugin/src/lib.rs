@@ -28,3 +28,5 @@ pub mod pods;
 pub mod rpc;
 pub mod server;
 pub mod state;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

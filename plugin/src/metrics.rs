@@ -96,6 +96,24 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
         "Watchdog checks of our rules: listed, or skipped because no rule of the node changed since the last good check",
     ),
     (
+        "randport_removals_failed_total",
+        "counter",
+        "",
+        "Sandbox removals with a failed step: the record stays, marked removing, its ports held, until a retried DEL finishes",
+    ),
+    (
+        "randport_state_records_corrupt_total",
+        "counter",
+        "",
+        "State records that could not be read at start and were moved aside as *.corrupt",
+    ),
+    (
+        "randport_http_refused_total",
+        "counter",
+        "reason",
+        "Metrics and probe connections refused: busy (too many at once), too_large (request line or headers over 8 KiB), timeout",
+    ),
+    (
         "randport_firewall_backend",
         "gauge",
         "backend, fallback",
@@ -118,6 +136,9 @@ pub struct Metrics {
     failures: Family<Labels, Counter>,
     api_retries: Family<Labels, Counter>,
     repairs: Counter,
+    removals_failed: Counter,
+    corrupt_records: Counter,
+    http_refused: Family<Labels, Counter>,
     checks: Family<Labels, Counter>,
     backend: Family<Labels, Gauge>,
 }
@@ -160,6 +181,9 @@ impl Default for Metrics {
             failures: Family::default(),
             api_retries: Family::default(),
             repairs: Counter::default(),
+            removals_failed: Counter::default(),
+            corrupt_records: Counter::default(),
+            http_refused: Family::default(),
             checks: Family::default(),
             backend: Family::default(),
         };
@@ -183,9 +207,21 @@ impl Default for Metrics {
                 "randport_api_retries" => registry.register(name, help, m.api_retries.clone()),
                 "randport_firewall_repairs" => registry.register(name, help, m.repairs.clone()),
                 "randport_firewall_checks" => registry.register(name, help, m.checks.clone()),
+                "randport_removals_failed" => {
+                    registry.register(name, help, m.removals_failed.clone())
+                }
+                "randport_state_records_corrupt" => {
+                    registry.register(name, help, m.corrupt_records.clone())
+                }
+                "randport_http_refused" => registry.register(name, help, m.http_refused.clone()),
                 "randport_firewall_backend" => registry.register(name, help, m.backend.clone()),
                 other => unreachable!("metric {other} listed but not registered"),
             }
+        }
+        for reason in ["busy", "too_large", "timeout"] {
+            m.http_refused
+                .get_or_create(&labels(&[("reason", reason)]))
+                .inc_by(0);
         }
         Metrics { registry, ..m }
     }
@@ -234,6 +270,23 @@ impl Metrics {
     /// Our rules were found flushed and re-applied.
     pub fn count_repair(&self) {
         self.repairs.inc();
+    }
+
+    /// A removal that failed a step and waits for a retried DEL.
+    pub fn count_removal_retry(&self) {
+        self.removals_failed.inc();
+    }
+
+    /// State records moved aside at start.
+    pub fn count_corrupt_records(&self, n: usize) {
+        self.corrupt_records.inc_by(n as u64);
+    }
+
+    /// A metrics or probe connection refused, by `reason` (busy, too_large, timeout).
+    pub fn count_http_refused(&self, reason: &str) {
+        self.http_refused
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc();
     }
 
     /// Records the backend in use (`fallback`: nftables was asked for, the kernel refused).

@@ -327,8 +327,13 @@ impl PodSource for DirPodSource {
 }
 
 /// Pods in memory, recording every annotation write; `fail_write` makes writes fail.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Default)]
 pub struct FakePodSource {
+    /// Where `get` stops while closed (an API server that does not answer).
+    pub get_gate: crate::testing::Gate,
+    /// Where `write_annotation` stops while closed.
+    pub write_gate: crate::testing::Gate,
     /// The pods, by reference.
     pub pods: std::sync::Mutex<std::collections::BTreeMap<PodRef, PodInfo>>,
     /// Every (pod, value) written, in order.
@@ -341,6 +346,7 @@ pub struct FakePodSource {
     pub mapped: std::sync::Mutex<Vec<(PodRef, String)>>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl FakePodSource {
     /// Adds or replaces a pod (keyed by namespace and name).
     pub fn put(&self, info: PodInfo) {
@@ -360,8 +366,10 @@ impl FakePodSource {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl PodSource for FakePodSource {
     fn get(&self, pod: &PodRef) -> Result<PodInfo, PodError> {
+        self.get_gate.pass();
         let key = PodRef::new(pod.namespace.clone(), pod.name.clone());
         self.pods
             .lock()
@@ -375,6 +383,7 @@ impl PodSource for FakePodSource {
     }
 
     fn write_annotation(&self, pod: &PodRef, value: &str) -> Result<(), PodError> {
+        self.write_gate.pass();
         if self.fail_write.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(PodError::Io {
                 pod: pod.clone(),

@@ -215,6 +215,7 @@ mod tests {
             reserved: randport_core::ReservedPorts::none(),
             annotation_key: "k".into(),
             pod_wait: Duration::ZERO,
+            add_deadline: crate::cni::DEFAULT_ADD_DEADLINE,
             host_ports: crate::agent::HostPorts::Auto,
             cni_conf_dir: None,
         };

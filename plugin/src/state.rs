@@ -74,8 +74,15 @@ pub trait StateStore: Send + Sync {
     fn save(&self, record: &SandboxRecord) -> Result<(), StateError>;
     /// Deletes a record; fine when there is none.
     fn delete(&self, sandbox: &SandboxId) -> Result<(), StateError>;
-    /// Every record stored.
+    /// Every record stored, oldest first (by when it was last written). A record that
+    /// cannot be read does not stop the others: it is set aside (see
+    /// [`StateStore::set_aside`]).
     fn load_all(&self) -> Result<Vec<SandboxRecord>, StateError>;
+    /// What the loads so far set aside because it could not be read: one line each, for
+    /// the log and the metrics. Taken once.
+    fn set_aside(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Checks that a sandbox id is safe as a file name (the CNI spec's container id rule).
@@ -93,10 +100,14 @@ pub fn validate_id(sandbox: &SandboxId) -> Result<(), StateError> {
 }
 
 /// Records as files `<dir>/<sandbox id>.json`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DirStateStore {
     dir: PathBuf,
+    set_aside: Mutex<Vec<String>>,
 }
+
+/// The suffix a record that cannot be read is renamed to.
+pub const CORRUPT_SUFFIX: &str = "corrupt";
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
     move |source| StateError::Io {
@@ -115,7 +126,35 @@ impl DirStateStore {
             .mode(0o700)
             .create(&dir)
             .map_err(io(&dir))?;
-        Ok(DirStateStore { dir })
+        Ok(DirStateStore {
+            dir,
+            set_aside: Mutex::default(),
+        })
+    }
+
+    /// Renames a record that cannot be read to `<name>.corrupt` (replacing an older one of
+    /// that name), so that it stops nothing and stays for a person to look at.
+    fn put_aside(&self, path: &Path, why: &StateError) {
+        let mut aside = path.as_os_str().to_owned();
+        aside.push(".");
+        aside.push(CORRUPT_SUFFIX);
+        let aside = PathBuf::from(aside);
+        let line = match fs::rename(path, &aside) {
+            Ok(()) => format!(
+                "{why}: moved aside to {}; the sandbox's mapping is not restored (its pod \
+                 keeps running; delete the pod to map it again), look at the file and remove it",
+                aside.display()
+            ),
+            Err(e) => format!(
+                "{why}: skipped; moving it aside to {} failed too ({e}): remove it by hand",
+                aside.display()
+            ),
+        };
+        tracing::error!(path = %path.display(), "{line}");
+        self.set_aside
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(line);
     }
 
     fn path(&self, sandbox: &SandboxId) -> Result<PathBuf, StateError> {
@@ -204,11 +243,37 @@ impl StateStore for DirStateStore {
         let mut upgraded = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(io(&self.dir))? {
             let path = entry.map_err(io(&self.dir))?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if name.contains(".tmp.") {
+                // A write that never reached its rename (the agent died in it): the record
+                // it was replacing, if any, is still there.
+                match fs::remove_file(&path) {
+                    Ok(()) => tracing::info!(path = %path.display(), "removed an unfinished write"),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "removing an unfinished write")
+                    }
+                }
+                continue;
+            }
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            let bytes = fs::read(&path).map_err(io(&path))?;
-            let (record, version) = decode_record(&path, &bytes)?;
+            let read = fs::read(&path).map_err(io(&path)).and_then(|bytes| {
+                let written = fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                decode_record(&path, &bytes).map(|(record, version)| (record, version, written))
+            });
+            let (record, version, written) = match read {
+                Ok(read) => read,
+                Err(e) => {
+                    self.put_aside(&path, &e);
+                    continue;
+                }
+            };
             if version < FORMAT_VERSION {
                 upgraded.push(path.clone());
                 self.save(&record)?;
@@ -219,7 +284,7 @@ impl StateStore for DirStateStore {
                      ({FORMAT_VERSION}); read it as far as its fields are known (a downgrade?)"
                 );
             }
-            records.push(record);
+            records.push((written, record));
         }
         if !upgraded.is_empty() {
             tracing::info!(
@@ -227,22 +292,37 @@ impl StateStore for DirStateStore {
                 upgraded.len()
             );
         }
-        records.sort_by(|a: &SandboxRecord, b| a.sandbox.cmp(&b.sandbox));
-        Ok(records)
+        // Oldest first; records written in the same instant by sandbox id.
+        records
+            .sort_by(|(at_a, a), (at_b, b)| at_a.cmp(at_b).then_with(|| a.sandbox.cmp(&b.sandbox)));
+        Ok(records.into_iter().map(|(_, record)| record).collect())
+    }
+
+    fn set_aside(&self) -> Vec<String> {
+        std::mem::take(&mut *self.set_aside.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
 /// A store in memory that records every call, for tests; `fail_save` makes saves fail.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Default)]
 pub struct MemoryStateStore {
+    /// Where `save` stops while closed.
+    pub save_gate: crate::testing::Gate,
+    /// How many of the next deletes fail.
+    pub fail_deletes: std::sync::atomic::AtomicUsize,
     /// The records, by sandbox.
     pub records: Mutex<std::collections::BTreeMap<SandboxId, SandboxRecord>>,
     /// When set, `save` fails.
     pub fail_save: std::sync::atomic::AtomicBool,
+    /// The sandboxes in the order they were last saved (what `load_all` keeps).
+    pub saved_order: Mutex<Vec<SandboxId>>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl StateStore for MemoryStateStore {
     fn save(&self, record: &SandboxRecord) -> Result<(), StateError> {
+        self.save_gate.pass();
         if self.fail_save.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(StateError::Io {
                 path: "memory".into(),
@@ -253,10 +333,24 @@ impl StateStore for MemoryStateStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(record.sandbox.clone(), record.clone());
+        let mut order = self.saved_order.lock().unwrap_or_else(|e| e.into_inner());
+        order.retain(|s| s != &record.sandbox);
+        order.push(record.sandbox.clone());
         Ok(())
     }
 
     fn delete(&self, sandbox: &SandboxId) -> Result<(), StateError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self
+            .fail_deletes
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StateError::Io {
+                path: "memory".into(),
+                source: std::io::Error::other("read-only file system (test)"),
+            });
+        }
         self.records
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -265,13 +359,16 @@ impl StateStore for MemoryStateStore {
     }
 
     fn load_all(&self) -> Result<Vec<SandboxRecord>, StateError> {
-        Ok(self
-            .records
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        let order = self.saved_order.lock().unwrap_or_else(|e| e.into_inner());
+        // Saved ones in their order; any put in `records` directly first, by id.
+        let mut all: Vec<SandboxRecord> = records
             .values()
+            .filter(|r| !order.contains(&r.sandbox))
             .cloned()
-            .collect())
+            .collect();
+        all.extend(order.iter().filter_map(|s| records.get(s).cloned()));
+        Ok(all)
     }
 }
 
@@ -284,6 +381,9 @@ impl<T: StateStore + ?Sized> StateStore for std::sync::Arc<T> {
     }
     fn load_all(&self) -> Result<Vec<SandboxRecord>, StateError> {
         (**self).load_all()
+    }
+    fn set_aside(&self) -> Vec<String> {
+        (**self).set_aside()
     }
 }
 
@@ -307,8 +407,8 @@ mod tests {
         for r in examples::all() {
             store.save(&r).unwrap();
         }
-        let mut expected = examples::all();
-        expected.sort_by(|a, b| a.sandbox.cmp(&b.sandbox));
+        // Oldest first: the order they were written in.
+        let expected = examples::all();
         assert_eq!(store.load_all().unwrap(), expected);
         let first = &expected[0].sandbox;
         store.delete(first).unwrap();
@@ -324,19 +424,59 @@ mod tests {
     }
 
     #[test]
-    fn bad_ids_and_corrupt_files_are_clear_errors() {
+    fn bad_ids_are_clear_errors() {
         let dir = temp_dir("bad");
         let store = DirStateStore::open(&dir).unwrap();
         let mut r = examples::one_tcp();
         r.sandbox = SandboxId("../../etc/passwd".into());
         assert!(matches!(store.save(&r), Err(StateError::BadId(_))));
-        fs::write(dir.join("x.json"), "{").unwrap();
-        let err = store.load_all().unwrap_err().to_string();
-        assert!(
-            err.contains("x.json is corrupt")
-                && err.ends_with("move it away and restart randportd"),
-            "{err}"
-        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unreadable_records_are_moved_aside_and_stop_nothing() {
+        let dir = temp_dir("aside");
+        let store = DirStateStore::open(&dir).unwrap();
+        let good = examples::one_tcp();
+        store.save(&good).unwrap();
+        let mut newer = serde_json::to_value(examples::one_tcp()).unwrap();
+        newer["formatVersion"] = (FORMAT_VERSION + 1).into();
+        newer["mappings"] = "changed shape".into();
+        let bad: [(&str, Vec<u8>); 5] = [
+            // What a power loss leaves after a rename that reached the disk before the data.
+            ("empty.json", vec![]),
+            (
+                "truncated.json",
+                encode_record(&good).unwrap()[..40].to_vec(),
+            ),
+            ("garbage.json", b"\x00\x00\x7fELF".to_vec()),
+            ("not-an-object.json", b"[1, 2]".to_vec()),
+            ("newer.json", serde_json::to_vec(&newer).unwrap()),
+        ];
+        for (name, bytes) in &bad {
+            fs::write(dir.join(name), bytes).unwrap();
+        }
+        // A write that died before its rename.
+        fs::write(dir.join("dead.json.tmp.4242"), b"{\"sand").unwrap();
+
+        assert_eq!(store.load_all().unwrap(), vec![good.clone()]);
+        let lines = store.set_aside();
+        assert_eq!(lines.len(), bad.len(), "{lines:#?}");
+        for (name, bytes) in &bad {
+            let aside = dir.join(format!("{name}.corrupt"));
+            assert_eq!(&fs::read(&aside).unwrap(), bytes, "{name} kept as it was");
+            assert!(!dir.join(name).exists());
+            let line = lines.iter().find(|l| l.contains(name)).unwrap();
+            assert!(
+                line.contains("moved aside to") && line.contains("remove it"),
+                "{line}"
+            );
+        }
+        assert!(!dir.join("dead.json.tmp.4242").exists(), "leftover removed");
+        // Taken once; the next load finds only the good record and sets nothing aside.
+        assert!(store.set_aside().is_empty());
+        assert_eq!(store.load_all().unwrap(), vec![good]);
+        assert!(store.set_aside().is_empty());
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -31,6 +31,7 @@ fn config(range: &str) -> AgentConfig {
         reserved: ReservedPorts::none(),
         annotation_key: "tkestack.io/portmapping".into(),
         pod_wait: Duration::ZERO,
+        add_deadline: randport_plugin::cni::DEFAULT_ADD_DEADLINE,
         host_ports: HostPorts::Auto,
         cni_conf_dir: None,
     }
@@ -573,7 +574,7 @@ fn gc_releases_every_sandbox_not_listed() {
             ))
             .unwrap();
     }
-    assert_eq!(node.agent.gc(&[SandboxId("sb1".into())]).unwrap(), 2);
+    assert_eq!(node.agent.gc(Some(&[SandboxId("sb1".into())])).unwrap(), 2);
     let left: Vec<String> = node
         .agent
         .list()
@@ -817,4 +818,460 @@ fn concurrent_adds_are_committed_in_batches_and_never_share_a_port() {
         node.agent.check(&r.sandbox).unwrap();
     }
     assert_eq!(node.state.load_all().unwrap().len(), 39);
+}
+
+// ---- Abandoned ADDs: a DEL or GC between any two steps of an ADD leaves nothing. ----
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Runs an ADD of web-0 (sandbox sb1) on another thread while `gate` is closed, waits
+/// until the ADD is stopped at the gate, calls `meanwhile`, opens the gate and returns
+/// the ADD's answer.
+fn add_stopped_at(
+    node: &Node,
+    gate: &randport_plugin::testing::Gate,
+    meanwhile: impl FnOnce(),
+) -> Response {
+    node.pods.put(pod("web-0", Some(""), web_ports()));
+    gate.close();
+    std::thread::scope(|s| {
+        let add = s.spawn(|| {
+            node.agent
+                .handle(Request::Add(add_req("web-0", "sb1", "198.18.0.5")))
+        });
+        assert!(
+            gate.wait_for_waiting(1, WAIT),
+            "the ADD never reached the gate"
+        );
+        meanwhile();
+        gate.open();
+        add.join().unwrap()
+    })
+}
+
+fn del_sb1(node: &Node) -> Response {
+    node.agent.handle(Request::Del {
+        sandbox: SandboxId("sb1".into()),
+    })
+}
+
+fn assert_deleted_during_add(response: Response) {
+    match response {
+        Response::Error(e) => {
+            assert_eq!(e.code, 107, "{e:?}");
+            assert!(
+                e.details.contains("undid what it had done"),
+                "{}",
+                e.details
+            );
+        }
+        ok => panic!("the abandoned ADD succeeded: {ok:?}"),
+    }
+}
+
+fn ok_empty() -> Response {
+    Response::Ok {
+        records: vec![],
+        ready: true,
+    }
+}
+
+#[test]
+fn a_del_while_the_add_waits_for_the_api_server_cancels_it_at_once() {
+    let node = started("20000-20099");
+    let answered = add_stopped_at(&node, &node.pods.get_gate, || {
+        // The API server does not answer; the runtime gives up and sends DEL, which is
+        // answered without waiting for the ADD.
+        let started = std::time::Instant::now();
+        assert_eq!(del_sb1(&node), ok_empty());
+        assert!(started.elapsed() < Duration::from_secs(1));
+    });
+    assert_deleted_during_add(answered);
+    assert_nothing_left(&node);
+    assert!(node.pods.writes.lock().unwrap().is_empty(), "no writeback");
+    assert!(node.holder.calls.lock().unwrap().is_empty(), "no port held");
+}
+
+#[test]
+fn a_del_during_the_save_waits_for_that_step_and_the_add_undoes_itself() {
+    let node = started("20000-20099");
+    let answered = add_stopped_at(&node, &node.state.save_gate, || {
+        std::thread::scope(|s| {
+            let del = s.spawn(|| del_sb1(&node));
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(
+                !del.is_finished(),
+                "the DEL did not wait for the step in progress"
+            );
+            node.state.save_gate.open();
+            assert_eq!(del.join().unwrap(), ok_empty());
+        });
+    });
+    assert_deleted_during_add(answered);
+    assert_nothing_left(&node);
+    let calls = node.firewall.calls.lock().unwrap().clone();
+    assert!(
+        !calls.iter().any(|c| c.starts_with("add")),
+        "no rule added after the DEL: {calls:?}"
+    );
+}
+
+#[test]
+fn a_del_during_the_firewall_commit_leaves_no_rule() {
+    let node = started("20000-20099");
+    let answered = add_stopped_at(&node, &node.firewall.add_gate, || {
+        std::thread::scope(|s| {
+            let del = s.spawn(|| del_sb1(&node));
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(!del.is_finished(), "the DEL did not wait for the commit");
+            node.firewall.add_gate.open();
+            assert_eq!(del.join().unwrap(), ok_empty());
+        });
+    });
+    assert_deleted_during_add(answered);
+    assert_nothing_left(&node);
+}
+
+#[test]
+fn a_del_during_the_writeback_removes_the_mapping_at_once() {
+    let node = started("20000-20099");
+    let answered = add_stopped_at(&node, &node.pods.write_gate, || {
+        // The rules are in and the PATCH hangs: the DEL removes them now, not when the
+        // API server answers.
+        assert!(
+            node.firewall
+                .present
+                .lock()
+                .unwrap()
+                .contains_key(&SandboxId("sb1".into()))
+        );
+        assert_eq!(del_sb1(&node), ok_empty());
+        assert!(node.firewall.present.lock().unwrap().is_empty());
+        assert_eq!(node.agent.gauges().range_used, [0, 0, 0]);
+    });
+    assert_deleted_during_add(answered);
+    assert_nothing_left(&node);
+    assert!(
+        node.pods.mapped.lock().unwrap().is_empty(),
+        "no PortsMapped Event for a deleted sandbox"
+    );
+}
+
+#[test]
+fn a_del_that_comes_first_makes_a_late_add_fail() {
+    let node = started("20000-20099");
+    node.pods.put(pod("web-0", Some(""), web_ports()));
+    assert_eq!(del_sb1(&node), ok_empty());
+    let (code, details) = error_code(&node, Request::Add(add_req("web-0", "sb1", "198.18.0.5")));
+    assert_eq!(code, 107);
+    assert!(details.contains("before its ADD arrived"), "{details}");
+    assert_nothing_left(&node);
+    // Another sandbox of the pod is not concerned.
+    node.agent
+        .add(&add_req("web-0", "sb2", "198.18.0.6"))
+        .unwrap()
+        .unwrap();
+    // A DEL of a sandbox that was mapped leaves no tombstone: nothing to refuse later.
+    assert_eq!(
+        node.agent.handle(Request::Del {
+            sandbox: SandboxId("sb2".into())
+        }),
+        ok_empty()
+    );
+}
+
+#[test]
+fn a_gc_that_does_not_list_a_running_add_cancels_it() {
+    let node = started("20000-20099");
+    let answered = add_stopped_at(&node, &node.pods.get_gate, || {
+        assert_eq!(node.agent.gc(Some(&[])).unwrap(), 0);
+    });
+    assert_deleted_during_add(answered);
+    assert_nothing_left(&node);
+}
+
+#[test]
+fn a_second_add_of_one_sandbox_waits_for_the_first_and_gets_its_record() {
+    let node = started("20000-20099");
+    node.pods.put(pod("web-0", Some(""), web_ports()));
+    node.state.save_gate.close();
+    let (first, second) = std::thread::scope(|s| {
+        let first = s.spawn(|| node.agent.add(&add_req("web-0", "sb1", "198.18.0.5")));
+        assert!(node.state.save_gate.wait_for_waiting(1, WAIT));
+        let second = s.spawn(|| node.agent.add(&add_req("web-0", "sb1", "198.18.0.5")));
+        std::thread::sleep(Duration::from_millis(100));
+        // It must not answer with a record that is not committed yet.
+        assert!(!second.is_finished(), "the second ADD did not wait");
+        node.state.save_gate.open();
+        (first.join().unwrap(), second.join().unwrap())
+    });
+    let first = first.unwrap().unwrap();
+    assert_eq!(second.unwrap().unwrap(), first);
+    assert_eq!(node.agent.list(), vec![first]);
+    assert_eq!(node.state.save_gate.arrived(), 1, "saved once");
+    assert_eq!(node.agent.gauges().range_used, [1, 1, 0]);
+}
+
+#[test]
+fn an_add_past_the_agents_deadline_is_undone() {
+    let mut config = config("20000-20099");
+    config.add_deadline = Duration::from_millis(200);
+    let node = node_with_config(config, Arc::default(), Arc::default());
+    node.agent.start().unwrap();
+    let answered = add_stopped_at(&node, &node.pods.write_gate, || {
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    match answered {
+        Response::Error(e) => {
+            assert_eq!(e.code, 11, "{e:?}");
+            assert!(
+                e.details
+                    .contains("took longer than 200ms (at writing the annotation back)"),
+                "{}",
+                e.details
+            );
+        }
+        ok => panic!("expected the deadline, got {ok:?}"),
+    }
+    assert_nothing_left(&node);
+}
+
+#[test]
+fn two_hundred_abandoned_adds_leave_nothing_and_never_reach_the_next_pod() {
+    // Each round: an ADD stopped at a random step, a DEL of its sandbox meanwhile, then a
+    // new pod given the same IP. The abandoned sandbox keeps nothing; the new pod's
+    // mapping is the only one with that IP.
+    let node = started("20000-20999");
+    let gates: [&randport_plugin::testing::Gate; 4] = [
+        &node.pods.get_gate,
+        &node.state.save_gate,
+        &node.firewall.add_gate,
+        &node.pods.write_gate,
+    ];
+    let mut rng = fastrand::Rng::with_seed(24);
+    for round in 0..200 {
+        let name = format!("app-{round}");
+        let sandbox = format!("abandoned{round}");
+        node.pods.put(pod(&name, Some(""), web_ports()));
+        let gate = gates[rng.usize(..gates.len())];
+        gate.close();
+        let answered = std::thread::scope(|s| {
+            let add = s.spawn(|| {
+                node.agent
+                    .handle(Request::Add(add_req(&name, &sandbox, "198.18.0.9")))
+            });
+            assert!(gate.wait_for_waiting(1, WAIT), "round {round}");
+            let del = s.spawn(|| {
+                node.agent.handle(Request::Del {
+                    sandbox: SandboxId(sandbox.clone()),
+                })
+            });
+            // Once the DEL has reached the agent (the ADD is cancelled), let the ADD go on.
+            let cancelled = (SandboxId(sandbox.clone()), true);
+            let deadline = std::time::Instant::now() + WAIT;
+            while !node.agent.adds_in_progress().contains(&cancelled) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "round {round}: no cancel"
+                );
+                std::thread::yield_now();
+            }
+            std::thread::sleep(Duration::from_millis(rng.u64(0..2)));
+            gate.open();
+            assert_eq!(del.join().unwrap(), ok_empty(), "round {round}");
+            add.join().unwrap()
+        });
+        assert!(
+            matches!(answered, Response::Error(ref e) if e.code == 107),
+            "round {round}: {answered:?}"
+        );
+        // The IP goes to the next pod.
+        let next = format!("next-{round}");
+        node.pods.put(pod(&next, Some(""), web_ports()));
+        node.agent
+            .add(&add_req(&next, &format!("next{round}"), "198.18.0.9"))
+            .unwrap()
+            .unwrap();
+        let records = node.agent.list();
+        let with_ip: Vec<_> = records
+            .iter()
+            .filter(|r| r.pod_ips.contains(&"198.18.0.9".parse().unwrap()))
+            .map(|r| r.sandbox.0.clone())
+            .collect();
+        assert_eq!(with_ip, vec![format!("next{round}")], "round {round}");
+        node.agent.del(&SandboxId(format!("next{round}"))).unwrap();
+    }
+    assert_nothing_left(&node);
+    assert_eq!(node.holder.calls.lock().unwrap().len() % 2, 0);
+}
+
+// ---- A failed DEL is retried, not forgotten. ----
+
+#[test]
+fn a_del_whose_rule_removal_fails_keeps_the_record_until_a_retry_succeeds() {
+    let node = started("20000-20099");
+    node.pods.put(pod("web-0", Some(""), web_ports()));
+    node.agent
+        .add(&add_req("web-0", "sb1", "198.18.0.5"))
+        .unwrap();
+    node.firewall.fail_removals.store(1, Ordering::SeqCst);
+    let (code, details) = error_code(
+        &node,
+        Request::Del {
+            sandbox: SandboxId("sb1".into()),
+        },
+    );
+    assert_eq!(code, 106);
+    assert!(
+        details.contains("stays, its ports held, until a retried DEL"),
+        "{details}"
+    );
+    // Nothing is forgotten: the record (memory and disk) and its ports stay.
+    assert_eq!(node.agent.list().len(), 1);
+    assert_eq!(node.state.load_all().unwrap().len(), 1);
+    assert_eq!(node.agent.gauges().range_used, [1, 1, 0]);
+    // A new ADD of that sandbox is refused while it is being removed.
+    let (code, _) = error_code(&node, Request::Add(add_req("web-0", "sb1", "198.18.0.5")));
+    assert_eq!(code, 11);
+    // The watchdog's rebuild leaves its rules out meanwhile.
+    assert!(node.agent.repair().unwrap());
+    assert!(node.firewall.present.lock().unwrap().is_empty());
+    // The runtime's retry finishes it.
+    assert_eq!(del_sb1(&node), ok_empty());
+    assert_nothing_left(&node);
+    assert!(
+        node.agent
+            .metrics
+            .render(node.agent.gauges())
+            .contains("randport_removals_failed_total 1")
+    );
+}
+
+#[test]
+fn a_del_whose_record_cannot_be_deleted_is_retried_too() {
+    let node = started("20000-20099");
+    node.pods.put(pod("web-0", Some(""), web_ports()));
+    node.agent
+        .add(&add_req("web-0", "sb1", "198.18.0.5"))
+        .unwrap();
+    node.state.fail_deletes.store(1, Ordering::SeqCst);
+    let (code, _) = error_code(
+        &node,
+        Request::Del {
+            sandbox: SandboxId("sb1".into()),
+        },
+    );
+    assert_eq!(code, 106);
+    assert_eq!(node.agent.list().len(), 1, "not forgotten");
+    assert_eq!(
+        node.agent.gauges().range_used,
+        [1, 1, 0],
+        "ports still held"
+    );
+    assert_eq!(del_sb1(&node), ok_empty());
+    assert_nothing_left(&node);
+}
+
+// ---- GC without its key. ----
+
+#[test]
+fn a_gc_without_valid_attachments_releases_nothing() {
+    let node = started("20000-20099");
+    for i in 0..2 {
+        node.pods
+            .put(pod(&format!("web-{i}"), Some(""), web_ports()));
+        node.agent
+            .add(&add_req(
+                &format!("web-{i}"),
+                &format!("sb{i}"),
+                &format!("198.18.0.{}", 5 + i),
+            ))
+            .unwrap();
+    }
+    assert_eq!(node.agent.handle(Request::Gc { valid: None }), ok_empty());
+    assert_eq!(node.agent.list().len(), 2);
+    assert_eq!(node.firewall.present.lock().unwrap().len(), 2);
+}
+
+// ---- Start-up with conflicting records. ----
+
+fn record_for(name: &str, sandbox: &str, ip: &str, port: u16) -> randport_core::SandboxRecord {
+    let mut pod = PodRef::new("shop", name);
+    pod.uid = format!("uid-{name}");
+    randport_core::SandboxRecord {
+        sandbox: SandboxId(sandbox.into()),
+        pod,
+        pod_ips: vec![ip.parse().unwrap()],
+        mappings: vec![randport_core::Mapping {
+            container: "web".into(),
+            host_ip: None,
+            host_port: port,
+            container_port: 80,
+            protocol: Protocol::Tcp,
+            explicit: false,
+            delegated: false,
+        }],
+    }
+}
+
+#[test]
+fn at_start_the_newest_sandbox_of_a_pod_writes_its_annotation() {
+    // Two sandboxes of one pod recorded (the old one's DEL never came); the newer one's
+    // id sorts first, so an order by id would pick the older.
+    let state = Arc::new(MemoryStateStore::default());
+    state
+        .save(&record_for("web-0", "zzz-old", "198.18.0.5", 20001))
+        .unwrap();
+    state
+        .save(&record_for("web-0", "aaa-new", "198.18.0.6", 20002))
+        .unwrap();
+    let pods = Arc::new(FakePodSource::default());
+    pods.put(pod(
+        "web-0",
+        Some("[]"),
+        vec![ContainerPort::new("web", 80, Protocol::Tcp)],
+    ));
+    let node = node_with("20000-20099", state, pods);
+    node.agent.start().unwrap();
+    let writes = node.pods.writes.lock().unwrap().clone();
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    assert!(
+        writes[0].1.contains("\"hostPort\":20002") && writes[0].1.contains("198.18.0.6"),
+        "{writes:?}"
+    );
+}
+
+#[test]
+fn at_start_two_records_claiming_one_port_leave_one_owner() {
+    let state = Arc::new(MemoryStateStore::default());
+    state
+        .save(&record_for("old-0", "sb-old", "198.18.0.5", 20001))
+        .unwrap();
+    state
+        .save(&record_for("new-0", "sb-new", "198.18.0.6", 20001))
+        .unwrap();
+    let pods = Arc::new(FakePodSource::default());
+    for name in ["old-0", "new-0"] {
+        pods.put(pod(
+            name,
+            Some(""),
+            vec![ContainerPort::new("web", 80, Protocol::Tcp)],
+        ));
+    }
+    let node = node_with("20000-20099", state, pods);
+    let report = node.agent.start().unwrap();
+    assert_eq!(report.conflicts, vec![SandboxId("sb-old".into())]);
+    assert!(
+        report.warnings.iter().any(|w| w.contains("sandbox sb-old of pod shop/old-0 and the newer sandbox sb-new of pod shop/new-0 both claim host port 20001")),
+        "{:?}",
+        report.warnings
+    );
+    let left: Vec<_> = node.agent.list().into_iter().map(|r| r.sandbox.0).collect();
+    assert_eq!(left, vec!["sb-new"]);
+    assert_eq!(
+        node.state.load_all().unwrap().len(),
+        1,
+        "the loser's record is gone"
+    );
+    assert_eq!(node.firewall.present.lock().unwrap().len(), 1);
 }

@@ -584,6 +584,7 @@ fn node(mock: &Mock, state: Arc<MemoryStateStore>) -> Node {
         reserved: ReservedPorts::none(),
         annotation_key: KEY.into(),
         pod_wait: Duration::from_secs(3),
+        add_deadline: randport_plugin::cni::DEFAULT_ADD_DEADLINE,
         host_ports: randport_plugin::agent::HostPorts::Auto,
         cni_conf_dir: None,
     };

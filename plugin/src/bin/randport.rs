@@ -4,16 +4,12 @@
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
-use std::time::Duration;
 
-use randport_plugin::cni::{CniEnv, run_with};
+use randport_plugin::cni::{AGENT_TIMEOUT, CniEnv, run_with};
 use randport_plugin::conntrack::NetlinkConntrack;
 use randport_plugin::firewall;
 use randport_plugin::offline;
 use randport_plugin::rpc::call;
-
-/// How long one request to the agent may take (ADD may wait for a new pod to appear).
-const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
     let mut stdin = Vec::new();

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use randport_core::{DEFAULT_ANNOTATION, PortRange, ReservedPorts, SandboxRecord};
 use randport_plugin::agent::{Agent, AgentConfig, Effects, HostPorts};
-use randport_plugin::cni::{DEFAULT_SOCKET, DEFAULT_STATE_DIR};
+use randport_plugin::cni::{DEFAULT_ADD_DEADLINE, DEFAULT_SOCKET, DEFAULT_STATE_DIR};
 use randport_plugin::conntrack::NetlinkConntrack;
 use randport_plugin::firewall::{self, Backend, IptablesFirewall, NftFirewall};
 use randport_plugin::holder::SocketHolder;
@@ -75,6 +75,10 @@ struct Cli {
     /// How often our rules are checked and re-applied if someone flushed them.
     #[arg(long, env = "RANDPORT_REPAIR_INTERVAL_MS", default_value_t = 1000)]
     repair_interval_ms: u64,
+    /// How long one ADD may take in the agent before it stops and undoes what it did
+    /// (milliseconds); keep it below the plugin's 30 s wait for the agent.
+    #[arg(long, env = "RANDPORT_ADD_DEADLINE_MS", default_value_t = DEFAULT_ADD_DEADLINE.as_millis() as u64)]
+    add_deadline_ms: u64,
     /// Who maps explicit hostPorts: `auto` leaves them to an earlier plugin in the
     /// conflist with the portMappings capability (portmap) and maps them only when there is
     /// none (needs --cni-conf-dir to see the chain); `all` maps them always; `annotated`
@@ -476,6 +480,7 @@ fn run_agent(cli: Cli) -> Result<()> {
         reserved,
         annotation_key: cli.annotation,
         pod_wait: Duration::from_secs(5),
+        add_deadline: Duration::from_millis(cli.add_deadline_ms.max(1)),
         host_ports: cli.host_ports,
         cni_conf_dir: cli.cni_conf_dir.clone(),
     };

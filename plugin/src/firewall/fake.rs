@@ -185,6 +185,10 @@ pub struct FakeFirewall {
     pub batch_delay: Mutex<std::time::Duration>,
     /// What `generation` answers (`None` by default, as without a change counter).
     pub generation: Mutex<Option<u32>>,
+    /// Where `add` and `add_many` stop while closed (a slow commit).
+    pub add_gate: crate::testing::Gate,
+    /// How many of the next removals fail (and the rebuilds they fall back to).
+    pub fail_removals: std::sync::atomic::AtomicUsize,
 }
 
 impl FakeFirewall {
@@ -224,6 +228,7 @@ impl Firewall for FakeFirewall {
 
     fn add(&self, record: &SandboxRecord) -> Result<(), FirewallError> {
         self.log(format!("add({})", record.sandbox));
+        self.add_gate.pass();
         let failing = self
             .fail_for
             .lock()
@@ -243,6 +248,7 @@ impl Firewall for FakeFirewall {
 
     fn add_many(&self, records: &[SandboxRecord]) -> Result<(), FirewallError> {
         self.log(format!("add_many({})", records.len()));
+        self.add_gate.pass();
         std::thread::sleep(*self.batch_delay.lock().unwrap_or_else(|e| e.into_inner()));
         let fail_for = self
             .fail_for
@@ -271,6 +277,18 @@ impl Firewall for FakeFirewall {
         _remaining: &[SandboxRecord],
     ) -> Result<(), FirewallError> {
         self.log(format!("remove({})", record.sandbox));
+        use std::sync::atomic::Ordering::SeqCst;
+        if self
+            .fail_removals
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(FirewallError {
+                backend: "fake",
+                what: "remove".into(),
+                reason: "injected failure".into(),
+            });
+        }
         self.present().remove(&record.sandbox);
         Ok(())
     }
