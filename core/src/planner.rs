@@ -135,16 +135,22 @@ pub fn plan(
     let mut chosen: Vec<Option<u16>> = vec![None; wanted.len()];
     let result = (|| {
         // Explicit host ports first, so that no random pick takes one of them; those left
-        // to another port mapper are only listed.
+        // to another port mapper are listed and reserved (one port, one owner: a random
+        // pick must never land on a port portmap maps), but not held or probed. A port
+        // left to the other mapper that is reserved already (two pods asking it for the
+        // same port) is the other mapper's conflict, not an error here.
         for (i, port) in wanted.iter().enumerate() {
             let Some(host_port) = port.host_port else {
                 continue;
             };
+            let key = PortKey::on(port.protocol, port.host_ip);
             if request.leave_explicit {
+                if alloc.claim(key, host_port).is_ok() {
+                    taken.push((key, host_port));
+                }
                 chosen[i] = Some(host_port);
                 continue;
             }
-            let key = PortKey::on(port.protocol, port.host_ip);
             let err = |busy: bool| {
                 let (pod, container) = (request.pod.clone(), port.container.clone());
                 if busy {
@@ -319,7 +325,7 @@ mod tests {
     }
 
     #[test]
-    fn explicit_ports_left_to_another_mapper_are_listed_but_not_claimed_or_probed() {
+    fn explicit_ports_left_to_another_mapper_are_listed_and_reserved_but_not_probed() {
         let mut req = request(
             vec![
                 ContainerPort::new("web", 80, Protocol::Tcp),
@@ -349,9 +355,10 @@ mod tests {
             vec![(80, false, false, true), (443, true, true, false)]
         );
         assert_eq!(maps[1].host_port, 20050);
-        // The other plugin owns 20050: not held, not reserved here.
+        // The other plugin owns 20050: not held here, but reserved, so that no random
+        // pick lands on it.
         assert_eq!(probed, vec![maps[0].host_port]);
-        assert!(alloc.is_free(PortKey::any(Protocol::Tcp), 20050));
+        assert!(!alloc.is_free(PortKey::any(Protocol::Tcp), 20050));
         assert!(!alloc.is_free(PortKey::any(Protocol::Tcp), maps[0].host_port));
 
         // Mapped by randport when nobody else maps them.

@@ -343,18 +343,31 @@ struct Inner {
 
 impl Inner {
     fn release(&mut self, record: &SandboxRecord) {
-        for m in record.owned() {
-            self.alloc
-                .release(PortKey::on(m.protocol, m.host_ip), m.host_port);
+        for m in &record.mappings {
+            let key = PortKey::on(m.protocol, m.host_ip);
+            // A port left to another mapper may be reserved by another sandbox too (the
+            // reservation was its): it stays while any other record names it.
+            if !m.owned()
+                && self.records.values().any(|r| {
+                    r.sandbox != record.sandbox
+                        && r.mappings.iter().any(|o| {
+                            o.host_port == m.host_port && PortKey::on(o.protocol, o.host_ip) == key
+                        })
+                })
+            {
+                continue;
+            }
+            self.alloc.release(key, m.host_port);
         }
         self.holds.remove(&record.sandbox);
     }
 
-    /// The records whose rules the firewall must hold: all but those being removed.
+    /// The records whose rules the firewall must hold: all but those being removed and
+    /// those that only reserve ports another plugin maps.
     fn wanted(&self) -> Vec<SandboxRecord> {
         self.records
             .values()
-            .filter(|r| !self.removing.contains(&r.sandbox))
+            .filter(|r| !self.removing.contains(&r.sandbox) && r.owned().next().is_some())
             .cloned()
             .collect()
     }
@@ -535,6 +548,12 @@ impl Agent {
             for record in loaded {
                 let mut claimed = Vec::new();
                 let mut conflict = None;
+                // Ports left to another mapper are reserved again, as the ADD did.
+                for m in record.mappings.iter().filter(|m| !m.owned()) {
+                    let _ = inner
+                        .alloc
+                        .claim(PortKey::on(m.protocol, m.host_ip), m.host_port);
+                }
                 for m in record.owned() {
                     let key = PortKey::on(m.protocol, m.host_ip);
                     if inner.alloc.claim(key, m.host_port).is_err() {
@@ -807,7 +826,7 @@ impl Agent {
         let request = SandboxRequest {
             pod: pod_ref,
             sandbox: req.sandbox.clone(),
-            pod_ips: req.pod_ips.clone(),
+            pod_ips: first_of_each_family(req),
             ports: pod.ports,
             mapping_requested: pod.annotation.is_some(),
             leave_explicit,
@@ -852,8 +871,8 @@ impl Agent {
                 pod_ips: request.pod_ips.clone(),
                 mappings,
             };
-            if record.owned().next().is_none() {
-                // Nothing for randport to map (no ports, or only ones another plugin maps).
+            if record.mappings.is_empty() {
+                // Nothing to map or reserve (no ports, or no annotation and no hostPort).
                 drop(guard);
                 drop(op);
                 if request.mapping_requested {
@@ -889,12 +908,16 @@ impl Agent {
         self.still_wanted(req, ticket, deadline, "saving its record")
             .map_err(undo)?;
         self.state.save(&record).map_err(|e| undo(e.into()))?;
-        // 5. Firewall, in one transaction with the ADDs that arrive meanwhile.
-        self.still_wanted(req, ticket, deadline, "adding its rules")
-            .map_err(undo)?;
-        self.commit_add(&record).map_err(|e| undo(e.into()))?;
-        self.still_wanted(req, ticket, deadline, "adding its rules")
-            .map_err(undo)?;
+        // 5. Firewall, in one transaction with the ADDs that arrive meanwhile. A record of
+        // ports that only another plugin maps has no rule: it only keeps them reserved.
+        let ours = record.owned().next().is_some();
+        if ours {
+            self.still_wanted(req, ticket, deadline, "adding its rules")
+                .map_err(undo)?;
+            self.commit_add(&record).map_err(|e| undo(e.into()))?;
+            self.still_wanted(req, ticket, deadline, "adding its rules")
+                .map_err(undo)?;
+        }
         drop(op);
         // 6. Conntrack, after the rules, on the worker. A failure leaves stale UDP
         // flows, not a broken mapping: it is logged, not undone.
@@ -915,12 +938,15 @@ impl Agent {
             }
             self.still_wanted(req, ticket, deadline, "writing the annotation back")
                 .map_err(undo_unlocked)?;
-            self.pods.mapped(
-                &record.pod,
-                &mapped_message(&record, &self.config.node_name),
-            );
+            if ours {
+                self.pods.mapped(
+                    &record.pod,
+                    &mapped_message(&record, &self.config.node_name),
+                );
+            }
         }
-        Ok(Some(record))
+        // Nothing of randport's to report for a record that only reserves ports.
+        Ok(ours.then_some(record))
     }
 
     /// The record of a sandbox that was added already, or an error if it was added for
@@ -1037,8 +1063,12 @@ impl Agent {
         };
         let mut errors = Vec::new();
         let remaining = || self.lock().others(sandbox);
-        let rules_gone = match self.firewall.remove_or_rebuild(&record, &remaining) {
-            Ok(()) => true,
+        let has_rules = record.owned().next().is_some();
+        let rules_gone = match has_rules
+            .then(|| self.firewall.remove_or_rebuild(&record, &remaining))
+            .transpose()
+        {
+            Ok(_) => true,
             Err(e) => {
                 errors.push(e.to_string());
                 false
@@ -1109,6 +1139,10 @@ impl Agent {
         };
         let held = inner.holds.get(sandbox).map_or(0, Vec::len);
         let owned = record.owned().count();
+        if owned == 0 {
+            // Only ports another plugin maps: nothing of ours to check.
+            return Ok(());
+        }
         if held != owned {
             return Err(missing(format!(
                 "{} of its {owned} host ports are not held",
@@ -1358,6 +1392,26 @@ impl Agent {
             }
         }
     }
+}
+
+/// The pod's first address of each family (prevResult lists the primary first): a DNAT
+/// goes to one address, and a second of the same family would be a second element with
+/// the same key, which the kernel refuses. The others are ignored, and said so.
+fn first_of_each_family(req: &AddRequest) -> Vec<std::net::IpAddr> {
+    let mut ips: Vec<std::net::IpAddr> = Vec::new();
+    for ip in &req.pod_ips {
+        if ips.iter().any(|kept| kept.is_ipv4() == ip.is_ipv4()) {
+            tracing::info!(
+                pod = %req.pod,
+                sandbox = %req.sandbox,
+                %ip,
+                "a second pod address of one family: mappings go to the first one only"
+            );
+        } else {
+            ips.push(*ip);
+        }
+    }
+    ips
 }
 
 /// What the records say the firewall must hold, as one number (for the watchdog's skip).

@@ -2,13 +2,13 @@
 //! and the peer's uid checked), the metrics and health HTTP endpoint, and the watchdog
 //! that re-applies our rules when someone flushes them.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use randport_core::CniCode;
@@ -90,16 +90,46 @@ pub fn serve_connection(agent: &Agent, mut stream: UnixStream, allowed_uid: u32)
     }
 }
 
-/// Serves the socket until the process ends, a thread per connection.
+/// Serves the socket until the process ends, a thread per connection (the socket is
+/// root's only; a thread that cannot be made is an answer in line, not a panic).
 pub fn serve(agent: Arc<Agent>, listener: UnixListener, allowed_uid: u32) {
+    let mut backoff = AcceptBackoff::default();
     for stream in listener.incoming() {
         match stream {
             Ok(stream) => {
-                let agent = Arc::clone(&agent);
-                std::thread::spawn(move || serve_connection(&agent, stream, allowed_uid));
+                backoff.reset();
+                let shared = Arc::clone(&agent);
+                let spawned = std::thread::Builder::new()
+                    .name("randportd-rpc".into())
+                    .spawn(move || serve_connection(&shared, stream, allowed_uid));
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start a thread for a plugin's request");
+                }
             }
-            Err(e) => tracing::warn!(error = %e, "accepting a connection"),
+            Err(e) => backoff.wait(&e, "the agent socket"),
         }
+    }
+}
+
+/// A pause after a failed `accept` (out of descriptors, say), growing from 10 ms to 1 s,
+/// so that a persistent failure neither spins a core nor floods the log.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    pause: Duration,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn reset(&mut self) {
+        self.pause = Duration::ZERO;
+    }
+
+    fn wait(&mut self, error: &std::io::Error, what: &str) {
+        self.pause = (self.pause * 2).clamp(Self::FIRST, Self::MAX);
+        tracing::warn!(error = %error, pause = ?self.pause, "accepting a connection on {what}");
+        std::thread::sleep(self.pause);
     }
 }
 
@@ -130,46 +160,161 @@ impl HealthCheck {
     }
 }
 
-/// Serves `/metrics`, `/healthz` (fails when the agent can no longer serve: see
-/// [`HealthCheck`]) and `/readyz` (after the first restore and reconcile) over HTTP/1.0
-/// until the process ends.
-pub fn serve_http(agent: Arc<Agent>, listener: TcpListener, health: HealthCheck) {
-    for stream in listener.incoming().flatten() {
-        let agent = Arc::clone(&agent);
-        let health = health.clone();
-        std::thread::spawn(move || {
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut line = String::new();
-            let mut reader = BufReader::new(&stream);
-            if reader.read_line(&mut line).is_err() {
-                return;
+/// The most a metrics or probe client may send before its request is answered: the
+/// request line and headers (there is no body).
+pub const MAX_HTTP_HEAD: usize = 8 * 1024;
+/// How many metrics and probe connections are served at once; more are refused (closed at
+/// once, counted). The kubelet's probes and a scraper need a few.
+pub const MAX_HTTP_CONNECTIONS: usize = 16;
+/// How long a client has to send its whole request head.
+const HTTP_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a request head could not be read.
+#[derive(Debug, PartialEq, Eq)]
+enum HeadError {
+    /// Longer than [`MAX_HTTP_HEAD`].
+    TooLarge,
+    /// Not complete within [`HTTP_HEAD_TIMEOUT`].
+    Timeout,
+    /// The connection broke.
+    Closed,
+}
+
+/// Reads a request head (up to the blank line) of at most `limit` bytes within `timeout`;
+/// returns the request line. Never holds more than `limit` bytes.
+fn read_head(
+    stream: &mut std::net::TcpStream,
+    limit: usize,
+    deadline: Instant,
+) -> Result<String, HeadError> {
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        // Each read may wait only for what is left of the whole head's time.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return Err(HeadError::Timeout);
+        }
+        let n = match stream.read(&mut chunk) {
+            Ok(0) => return Err(HeadError::Closed),
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(HeadError::Timeout);
             }
-            let path = line.split_whitespace().nth(1).unwrap_or("/");
-            let content_type = if path == "/metrics" {
-                crate::metrics::CONTENT_TYPE
-            } else {
-                "text/plain; charset=utf-8"
-            };
-            let (status, body) = match path {
-                "/metrics" => ("200 OK", agent.metrics.render(agent.gauges())),
-                "/healthz" => match health.run(&agent) {
-                    Ok(()) => ("200 OK", "ok\n".to_owned()),
-                    Err(why) => ("503 Service Unavailable", format!("{why}\n")),
-                },
-                "/readyz" if agent.is_ready() => ("200 OK", "ready\n".to_owned()),
-                "/readyz" => ("503 Service Unavailable", "starting\n".to_owned()),
-                _ => (
-                    "404 Not Found",
-                    "try /metrics, /healthz or /readyz\n".to_owned(),
-                ),
-            };
-            let mut stream = stream;
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return Err(HeadError::Closed),
+        };
+        head.extend_from_slice(&chunk[..n]);
+        let find = |needle: &[u8]| head.windows(needle.len()).position(|w| w == needle);
+        // HTTP/1.0 clients may end lines with a bare newline.
+        if let Some(end) = find(b"\r\n\r\n").or_else(|| find(b"\n\n")) {
+            if end > limit {
+                return Err(HeadError::TooLarge);
+            }
+            let line = head[..end]
+                .split(|b| *b == b'\n')
+                .next()
+                .unwrap_or_default();
+            return Ok(String::from_utf8_lossy(line).trim_end().to_owned());
+        }
+        if head.len() > limit {
+            return Err(HeadError::TooLarge);
+        }
+    }
+}
+
+/// Answers one metrics or probe request.
+fn serve_http_connection(agent: &Agent, health: &HealthCheck, mut stream: std::net::TcpStream) {
+    let deadline = Instant::now() + HTTP_HEAD_TIMEOUT;
+    let _ = stream.set_write_timeout(Some(HTTP_HEAD_TIMEOUT));
+    let line = match read_head(&mut stream, MAX_HTTP_HEAD, deadline) {
+        Ok(line) => line,
+        Err(HeadError::TooLarge) => {
+            agent.metrics.count_http_refused("too_large");
+            let body = format!("request line and headers are limited to {MAX_HTTP_HEAD} bytes\n");
             let _ = write!(
                 stream,
-                "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+                "HTTP/1.0 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-        });
+            return;
+        }
+        Err(HeadError::Timeout) => {
+            agent.metrics.count_http_refused("timeout");
+            return;
+        }
+        Err(HeadError::Closed) => return,
+    };
+    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let content_type = if path == "/metrics" {
+        crate::metrics::CONTENT_TYPE
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    let (status, body) = match path {
+        "/metrics" => ("200 OK", agent.metrics.render(agent.gauges())),
+        "/healthz" => match health.run(agent) {
+            Ok(()) => ("200 OK", "ok\n".to_owned()),
+            Err(why) => ("503 Service Unavailable", format!("{why}\n")),
+        },
+        "/readyz" if agent.is_ready() => ("200 OK", "ready\n".to_owned()),
+        "/readyz" => ("503 Service Unavailable", "starting\n".to_owned()),
+        _ => (
+            "404 Not Found",
+            "try /metrics, /healthz or /readyz\n".to_owned(),
+        ),
+    };
+    let _ = write!(
+        stream,
+        "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// Serves `/metrics`, `/healthz` (fails when the agent can no longer serve: see
+/// [`HealthCheck`]) and `/readyz` (after the first restore and reconcile) over HTTP/1.0
+/// until the process ends. Bounded: at most [`MAX_HTTP_CONNECTIONS`] at once (more are
+/// closed at once), [`MAX_HTTP_HEAD`] bytes and 5 s per request head, accept errors
+/// backed off; a thread that cannot be made drops that connection, nothing else.
+pub fn serve_http(agent: Arc<Agent>, listener: TcpListener, health: HealthCheck) {
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut backoff = AcceptBackoff::default();
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(stream) => {
+                backoff.reset();
+                stream
+            }
+            Err(e) => {
+                backoff.wait(&e, "the metrics address");
+                continue;
+            }
+        };
+        use std::sync::atomic::Ordering::SeqCst;
+        if active.fetch_add(1, SeqCst) >= MAX_HTTP_CONNECTIONS {
+            active.fetch_sub(1, SeqCst);
+            agent.metrics.count_http_refused("busy");
+            drop(stream);
+            continue;
+        }
+        let (shared, health, slot) = (Arc::clone(&agent), health.clone(), Arc::clone(&active));
+        let spawned = std::thread::Builder::new()
+            .name("randportd-http".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                serve_http_connection(&shared, &health, stream);
+                slot.fetch_sub(1, SeqCst);
+            });
+        if let Err(e) = spawned {
+            active.fetch_sub(1, SeqCst);
+            agent.metrics.count_http_refused("busy");
+            tracing::error!(error = %e, "cannot start a thread for a metrics or probe request");
+        }
     }
 }
 
@@ -332,6 +477,117 @@ mod tests {
             "{metrics}"
         );
         assert!(get("/nope").starts_with("HTTP/1.0 404"));
+    }
+
+    /// An agent serving HTTP on a loopback port; its address.
+    fn http_agent() -> (Arc<Agent>, std::net::SocketAddr) {
+        let agent = Arc::new(agent());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::clone(&agent);
+        std::thread::spawn(move || serve_http(shared, listener, HealthCheck::default()));
+        (agent, addr)
+    }
+
+    fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    }
+
+    #[test]
+    fn an_endless_request_line_is_cut_at_8_kib_and_answered_431() {
+        let (agent, addr) = http_agent();
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        // 4 MiB without a newline: the agent stops reading at 8 KiB and answers.
+        let junk = vec![b'A'; 64 * 1024];
+        let mut sent = 0usize;
+        while sent < 4 << 20 {
+            match stream.write(&junk) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text);
+        assert!(sent < 4 << 20 || text.starts_with("HTTP/1.0 431"), "{text}");
+        assert!(
+            agent
+                .metrics
+                .render(agent.gauges())
+                .contains(r#"randport_http_refused_total{reason="too_large"} 1"#)
+        );
+        // Headers over the limit too, even with their lines short.
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        write!(stream, "GET /metrics HTTP/1.0\r\n").unwrap();
+        for i in 0..1000 {
+            write!(stream, "X-{i}: yyyyyyyyyy\r\n").unwrap();
+        }
+        write!(stream, "\r\n").unwrap();
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text);
+        assert!(text.starts_with("HTTP/1.0 431"), "{text}");
+        // And the agent still answers.
+        assert!(get(addr, "/healthz").starts_with("HTTP/1.0 200 OK"));
+    }
+
+    #[test]
+    fn idle_connections_beyond_the_limit_are_refused_and_probes_come_back() {
+        let (agent, addr) = http_agent();
+        let idle: Vec<_> = (0..MAX_HTTP_CONNECTIONS)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        // Every slot is taken by a client that sends nothing: the next one is closed at once.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut extra = std::net::TcpStream::connect(addr).unwrap();
+            let _ = write!(extra, "GET /healthz HTTP/1.0\r\n\r\n");
+            let mut text = String::new();
+            let _ = extra.read_to_string(&mut text);
+            if text.is_empty() {
+                break;
+            }
+            // The accept loop had not seen all the idle ones yet.
+            assert!(Instant::now() < deadline, "never refused: {text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            agent
+                .metrics
+                .render(agent.gauges())
+                .contains(r#"randport_http_refused_total{reason="busy"}"#)
+        );
+        // Their time runs out (5 s for a whole request head); then probes are served again.
+        drop(idle);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !get(addr, "/healthz").starts_with("HTTP/1.0 200 OK") {
+            assert!(Instant::now() < deadline, "probes never came back");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[test]
+    fn a_client_that_stalls_is_dropped_after_its_time() {
+        let (agent, addr) = http_agent();
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        write!(stream, "GET /metrics HTTP/1.0\r\n").unwrap();
+        let started = Instant::now();
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text);
+        assert!(text.is_empty(), "{text}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(4) && waited < Duration::from_secs(8),
+            "{waited:?}"
+        );
+        assert!(
+            agent
+                .metrics
+                .render(agent.gauges())
+                .contains(r#"randport_http_refused_total{reason="timeout"} 1"#)
+        );
     }
 
     #[test]

@@ -339,7 +339,8 @@ fn explicit_host_ports_are_left_to_portmap_before_us_in_the_chain_and_still_list
         )
     );
 
-    // Without the annotation: nothing of ours, so no record and no rule.
+    // Without the annotation: nothing of ours, so no rule; 8443 is only reserved (a
+    // record keeps the reservation across restarts).
     node.pods.put(pod("plain", None, ports.clone()));
     assert_eq!(
         node.agent
@@ -357,6 +358,7 @@ fn explicit_host_ports_are_left_to_portmap_before_us_in_the_chain_and_still_list
     );
 
     node.agent.del(&record.sandbox).unwrap();
+    node.agent.del(&SandboxId("sb2".into())).unwrap();
     assert_nothing_left(&node);
 
     // The same chain without portmap: randport maps 8443 itself.
@@ -1274,4 +1276,81 @@ fn at_start_two_records_claiming_one_port_leave_one_owner() {
         "the loser's record is gone"
     );
     assert_eq!(node.firewall.present.lock().unwrap().len(), 1);
+}
+
+// ---- Ports left to portmap are reserved. ----
+
+#[test]
+fn a_port_left_to_portmap_is_never_handed_out_at_random_also_after_a_restart() {
+    let conf_dir = kindnet_conf_dir();
+    let mut config = config("20050-20051");
+    config.cni_conf_dir = Some(conf_dir.clone());
+    let state = Arc::new(MemoryStateStore::default());
+    let pods = Arc::new(FakePodSource::default());
+    let node = node_with_config(config.clone(), Arc::clone(&state), Arc::clone(&pods));
+    node.agent.start().unwrap();
+    // portmap maps 20050 for this pod (no annotation: nothing of randport's).
+    let mut explicit = ContainerPort::new("web", 80, Protocol::Tcp);
+    explicit.host_port = Some(20050);
+    node.pods.put(pod("pinned", None, vec![explicit]));
+    assert_eq!(
+        node.agent
+            .add(&add_req("pinned", "sb-pinned", "198.18.0.5"))
+            .unwrap(),
+        None
+    );
+    let random = || vec![ContainerPort::new("web", 80, Protocol::Tcp)];
+    node.pods.put(pod("a", Some(""), random()));
+    let a = node
+        .agent
+        .add(&add_req("a", "sb-a", "198.18.0.6"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.mappings[0].host_port, 20051, "20050 is portmap's");
+    node.pods.put(pod("b", Some(""), random()));
+    let (code, _) = error_code(&node, Request::Add(add_req("b", "sb-b", "198.18.0.7")));
+    assert_eq!(
+        code, 101,
+        "the range is used up: 20051 by a, 20050 by portmap"
+    );
+
+    // The reservation is recorded: a restarted agent keeps it.
+    drop(node);
+    let node = node_with_config(config, state, pods);
+    node.agent.start().unwrap();
+    node.agent.del(&SandboxId("sb-a".into())).unwrap();
+    for i in 0..20 {
+        let name = format!("c{i}");
+        node.pods.put(pod(&name, Some(""), random()));
+        let r = node
+            .agent
+            .add(&add_req(&name, &format!("sb-{name}"), "198.18.0.8"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.mappings[0].host_port, 20051);
+        node.agent.del(&r.sandbox).unwrap();
+    }
+    // Once its pod is gone, portmap's port is free again.
+    node.agent.del(&SandboxId("sb-pinned".into())).unwrap();
+    assert_eq!(node.agent.gauges().range_used, [0, 0, 0]);
+    std::fs::remove_dir_all(&conf_dir).unwrap();
+}
+
+#[test]
+fn a_second_address_of_one_family_is_ignored_and_the_pod_starts() {
+    let node = started("20000-20099");
+    node.pods.put(pod("multi", Some(""), web_ports()));
+    let mut req = add_req("multi", "sb1", "198.18.0.5");
+    req.pod_ips = [
+        "198.18.0.5",
+        "198.18.0.99",
+        "2001:db8:1::5",
+        "2001:db8:1::99",
+    ]
+    .iter()
+    .map(|ip| ip.parse().unwrap())
+    .collect();
+    let record = node.agent.add(&req).unwrap().unwrap();
+    let ips: Vec<String> = record.pod_ips.iter().map(ToString::to_string).collect();
+    assert_eq!(ips, vec!["198.18.0.5", "2001:db8:1::5"]);
 }

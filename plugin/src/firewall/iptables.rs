@@ -37,6 +37,11 @@ impl Default for IptablesFirewall {
     }
 }
 
+/// The arguments of every `iptables-restore`: wait up to 5 s for the xtables lock that
+/// kube-proxy and others take (without `-w` a restore during theirs fails at once), and
+/// change only what the payload names.
+pub const RESTORE_ARGS: [&str; 3] = ["-w", "5", "--noflush"];
+
 /// The (restore, save) programs of `family` in `flavour`.
 pub(crate) fn tools(family: IpFamily, flavour: IptablesFlavour) -> (&'static str, &'static str) {
     use IptablesFlavour::*;
@@ -71,7 +76,7 @@ impl IptablesFirewall {
 
     fn restore(&self, family: IpFamily, what: &str, payload: &str) -> Result<(), FirewallError> {
         self.tool
-            .run(tools(family, self.flavour).0, &["--noflush"], payload)
+            .run(tools(family, self.flavour).0, &RESTORE_ARGS, payload)
             .map(drop)
             .map_err(|e| Self::err(what, e.to_string()))
     }
@@ -250,16 +255,12 @@ mod tests {
     fn a_removal_whose_rule_is_gone_rebuilds_our_chains() {
         let (fw, tool) = backend();
         let records = examples::all();
-        tool.answer(
-            "iptables-restore",
-            "--noflush",
-            Err(failed("iptables-restore")),
-        );
+        tool.answer("iptables-restore", "-w", Err(failed("iptables-restore")));
         fw.remove(&records[0], &records[1..]).unwrap();
         let calls = tool.calls();
         // The refused removal, then per family: a save and the whole payload of the rest.
         assert!(
-            calls[0].starts_with("iptables-restore --noflush\n"),
+            calls[0].starts_with("iptables-restore -w 5 --noflush\n"),
             "{calls:?}"
         );
         assert_eq!(calls[1], "iptables-save -t nat");
@@ -268,7 +269,10 @@ mod tests {
             &records[1..],
             &iptables::hook_jumps(IpFamily::V4),
         );
-        assert_eq!(calls[2], format!("iptables-restore --noflush\n{rebuilt}"));
+        assert_eq!(
+            calls[2],
+            format!("iptables-restore -w 5 --noflush\n{rebuilt}")
+        );
         assert_eq!(calls[3], "ip6tables-save -t nat");
     }
 
