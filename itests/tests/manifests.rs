@@ -524,3 +524,29 @@ fn deploy_is_what_the_chart_renders() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_chart_refuses_localhost_access_with_a_message_instead_of_a_crash_loop() {
+    let Some(helm) = helm("the_chart_refuses_localhost_access") else {
+        return;
+    };
+    let err = run_helm(
+        &helm,
+        &[
+            "template",
+            "randport",
+            "charts/randport",
+            "-n",
+            "kube-system",
+            "--set",
+            "localhostAccess=true",
+        ],
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("localhostAccess: true is not supported by this chart")
+            && err.contains("/proc/sys is read-only")
+            && err.contains("nodeIP:hostPort"),
+        "{err}"
+    );
+}

@@ -81,6 +81,80 @@ fn loopback_reaches_no_pod_but_the_node_address_does() {
     );
 }
 
+/// Makes the client send 127.0.0.0/8 out of its eth0 to node 0 (the CVE-2020-8558 path:
+/// another host on the node's link addressing its loopback).
+fn route_loopback_to_node0(c: &Cluster) {
+    for sysctl in [
+        "net.ipv4.conf.all.route_localnet=1",
+        "net.ipv4.conf.eth0.route_localnet=1",
+    ] {
+        c.client.run_ok("sysctl", &["-qw", sysctl], "").unwrap();
+    }
+    c.client
+        .ip(&["route", "del", "127.0.0.0/8", "dev", "lo", "table", "local"])
+        .unwrap();
+    let via = c.nodes[0].ip4.to_string();
+    c.client
+        .ip(&["route", "add", "127.0.0.0/8", "via", &via, "dev", "eth0"])
+        .unwrap();
+}
+
+fn another_host_to_loopback_reaches_no_pod(firewall: &str) {
+    let spec = ClusterSpec {
+        nodes: 1,
+        firewall: firewall.into(),
+        ..ClusterSpec::default()
+    };
+    let mut c = Cluster::up(spec, &mut |_| {}).unwrap_or_else(|e| panic!("{e:#}"));
+    let port = c.add_pod(tcp_pod("a")).unwrap()[0].host_port;
+    route_loopback_to_node0(&c);
+    // 127.0.0.2: the client keeps a local route for 127.0.0.1 itself.
+    let loopback = SocketAddr::new("127.0.0.2".parse().unwrap(), port);
+    // With the node's route_localnet off (the kernel's default), and on (kube-proxy's
+    // iptables mode turns it on): never translated to the pod.
+    for route_localnet in ["0", "1"] {
+        c.nodes[0]
+            .ns
+            .run_ok(
+                "sysctl",
+                &[
+                    "-qw",
+                    &format!("net.ipv4.conf.all.route_localnet={route_localnet}"),
+                ],
+                "",
+            )
+            .unwrap();
+        if let Ok(who) = c.tcp(Origin::Client, loopback) {
+            panic!(
+                "{firewall}, route_localnet={route_localnet}: another host reached pod {who} through 127.0.0.2:{port}"
+            );
+        }
+    }
+    c.nodes[0]
+        .ns
+        .run_ok("sysctl", &["-qw", "net.ipv4.conf.all.route_localnet=0"], "")
+        .unwrap();
+    // The node's own address still works for the client.
+    let on_node = SocketAddr::new(IpAddr::V4(c.nodes[0].ip4), port);
+    assert_eq!(c.tcp(Origin::Client, on_node).unwrap(), "a");
+}
+
+#[test]
+fn another_host_sending_to_loopback_reaches_no_pod_nftables() {
+    if !root_or_skip("another_host_sending_to_loopback_reaches_no_pod_nftables") {
+        return;
+    }
+    another_host_to_loopback_reaches_no_pod("nftables");
+}
+
+#[test]
+fn another_host_sending_to_loopback_reaches_no_pod_iptables() {
+    if !root_or_skip("another_host_sending_to_loopback_reaches_no_pod_iptables") {
+        return;
+    }
+    another_host_to_loopback_reaches_no_pod("iptables");
+}
+
 #[test]
 fn the_agent_refuses_callers_other_than_root() {
     if !root_or_skip("the_agent_refuses_callers_other_than_root") {
@@ -169,30 +243,7 @@ fn localhost_access_serves_the_node_and_no_other_host() {
     );
     // Another host sends to 127.0.0.1 through the node (the CVE-2020-8558 path): the
     // client routes loopback addresses to node 0 and may send them out of eth0.
-    c.client
-        .run_ok("sysctl", &["-qw", "net.ipv4.conf.all.route_localnet=1"], "")
-        .unwrap();
-    c.client
-        .run_ok(
-            "sysctl",
-            &["-qw", "net.ipv4.conf.eth0.route_localnet=1"],
-            "",
-        )
-        .unwrap();
-    c.client
-        .ip(&["route", "del", "127.0.0.0/8", "dev", "lo", "table", "local"])
-        .unwrap();
-    c.client
-        .ip(&[
-            "route",
-            "add",
-            "127.0.0.0/8",
-            "via",
-            &c.nodes[0].ip4.to_string(),
-            "dev",
-            "eth0",
-        ])
-        .unwrap();
+    route_loopback_to_node0(&c);
     let guard = c.nodes[0]
         .ns
         .run_ok(

@@ -160,6 +160,21 @@ impl HealthCheck {
     }
 }
 
+/// Binds the metrics address: `IP:PORT`, `[IPv6]:PORT`, an IPv6 address without brackets
+/// before its port (what `$(RANDPORT_HOST_IP):9740` gives in a manifest), or
+/// `HOST:PORT`.
+pub fn metrics_listener(addr: &str) -> std::io::Result<TcpListener> {
+    if let Ok(socket) = addr.parse::<std::net::SocketAddr>() {
+        return TcpListener::bind(socket);
+    }
+    if let Some((ip, port)) = addr.rsplit_once(':')
+        && let (Ok(ip), Ok(port)) = (ip.parse::<std::net::IpAddr>(), port.parse::<u16>())
+    {
+        return TcpListener::bind(std::net::SocketAddr::new(ip, port));
+    }
+    TcpListener::bind(addr)
+}
+
 /// The most a metrics or probe client may send before its request is answered: the
 /// request line and headers (there is no body).
 pub const MAX_HTTP_HEAD: usize = 8 * 1024;
@@ -495,6 +510,15 @@ mod tests {
         let mut text = String::new();
         stream.read_to_string(&mut text).unwrap();
         text
+    }
+
+    #[test]
+    fn metrics_addresses_bind_with_or_without_brackets() {
+        for addr in ["127.0.0.1:0", "[::1]:0", "::1:0", "localhost:0"] {
+            let listener = metrics_listener(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+            assert!(listener.local_addr().unwrap().ip().is_loopback(), "{addr}");
+        }
+        assert!(metrics_listener("192.0.2.1:notaport").is_err());
     }
 
     #[test]

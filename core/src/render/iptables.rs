@@ -288,7 +288,13 @@ pub fn hook_jumps(family: IpFamily) -> Vec<Rule> {
     ];
     let to_hostports = ["-j", HOSTPORTS_CHAIN];
     vec![
-        Rule::new("PREROUTING", [&local[..], &comment, &to_hostports].concat()),
+        // Never loopback destinations arriving from outside: `--dst-type LOCAL` is true
+        // for 127.0.0.1, and a SYN another host sends to 127.0.0.1:hostPort would
+        // otherwise be translated to the pod (CVE-2020-8558, moby#41872).
+        Rule::new(
+            "PREROUTING",
+            [&["!", "-d", loopback][..], &local, &comment, &to_hostports].concat(),
+        ),
         Rule::new(
             "OUTPUT",
             [&["!", "-d", loopback][..], &local, &comment, &to_hostports].concat(),
@@ -468,7 +474,7 @@ mod tests {
 :POSTROUTING ACCEPT [0:0]
 :RANDPORT-HOSTPORTS - [0:0]
 :RANDPORT-POSTROUTING - [0:0]
--A PREROUTING -m addrtype --dst-type LOCAL -m comment --comment "randport: node-local host ports" -j RANDPORT-HOSTPORTS
+-A PREROUTING ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "randport: node-local host ports" -j RANDPORT-HOSTPORTS
 -A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -m comment --comment "randport: node-local host ports" -j RANDPORT-HOSTPORTS
 -A POSTROUTING -m comment --comment not-ours -j RETURN
 -A POSTROUTING -m comment --comment "say \"hi\" \\ there" -j RETURN

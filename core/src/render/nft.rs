@@ -257,7 +257,13 @@ pub const CHAINS: [Chain; 4] = [
     Chain {
         name: "prerouting",
         base: Some("type nat hook prerouting priority -100; policy accept;"),
-        rules: &["fib daddr type local goto hostports"],
+        // Never loopback destinations arriving from outside: `fib daddr type local` is
+        // true for 127.0.0.1, and a SYN another host sends to 127.0.0.1:hostPort would
+        // otherwise be translated to the pod (CVE-2020-8558, moby#41872).
+        rules: &[
+            "meta nfproto ipv4 ip daddr != 127.0.0.0/8 fib daddr type local goto hostports",
+            "meta nfproto ipv6 ip6 daddr != ::1 fib daddr type local goto hostports",
+        ],
     },
     Chain {
         name: "output",
@@ -365,8 +371,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_table_has_four_chains_six_sets_and_nine_rules_three_chains_more_for_localhost() {
-        assert_eq!(object_counts(NftOptions::default()), (4, 6, 9));
-        assert_eq!(object_counts(NftOptions { localhost: true }), (7, 6, 12));
+    fn the_table_has_four_chains_six_sets_and_ten_rules_three_chains_more_for_localhost() {
+        assert_eq!(object_counts(NftOptions::default()), (4, 6, 10));
+        assert_eq!(object_counts(NftOptions { localhost: true }), (7, 6, 13));
     }
 }

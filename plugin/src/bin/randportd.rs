@@ -1,6 +1,5 @@
 //! `randportd`: the randport node agent, and `randportd list` to show its mappings.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -510,7 +509,7 @@ fn run_agent(cli: Cli) -> Result<()> {
         std::thread::spawn(move || server::serve(agent, listener, uid));
     }
     if cli.metrics_addr != "off" {
-        let http = TcpListener::bind(&cli.metrics_addr)
+        let http = server::metrics_listener(&cli.metrics_addr)
             .with_context(|| format!("binding --metrics-addr {}", cli.metrics_addr))?;
         let agent = Arc::clone(&agent);
         let health = server::HealthCheck {
