@@ -224,6 +224,9 @@ fn nft_table_flushed_deleted_or_whole_ruleset_flushed_is_repaired() {
             "nftables",
             &[
                 &["nft", "flush", "table", "inet", "randport"],
+                // Only the elements: chains, sets and rules stay as they were loaded.
+                &["nft", "flush", "map", "inet", "randport", "hostports4"],
+                &["nft", "flush", "set", "inet", "randport", "hairpin4"],
                 &["nft", "delete", "table", "inet", "randport"],
                 &["nft", "flush", "ruleset"],
             ],
@@ -238,6 +241,8 @@ fn iptables_chains_flushed_or_deleted_are_repaired() {
             "iptables",
             &[
                 &["iptables", "-t", "nat", "-F", "RANDPORT-HOSTPORTS"],
+                // One DNAT rule.
+                &["iptables", "-t", "nat", "-D", "RANDPORT-HOSTPORTS", "1"],
                 &[
                     "sh",
                     "-c",

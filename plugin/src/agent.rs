@@ -334,6 +334,8 @@ struct Inner {
     /// Sandboxes whose removal has begun and not finished (a failed DEL is retried): their
     /// ports stay claimed and held, their rules are left out of every rebuild.
     removing: HashSet<SandboxId>,
+    /// Sandboxes whose ADD recorded them and has not committed their rules yet.
+    uncommitted: HashSet<SandboxId>,
     /// Sandboxes deleted before their ADD arrived, and when.
     tombstones: HashMap<SandboxId, Instant>,
     /// Per-sandbox operation locks, while someone uses them.
@@ -370,6 +372,21 @@ impl Inner {
             .filter(|r| !self.removing.contains(&r.sandbox) && r.owned().next().is_some())
             .cloned()
             .collect()
+    }
+
+    /// [`Inner::wanted`], split into the records whose rules must be there and those
+    /// being added or removed, whose rules may or may not be there yet.
+    fn wanted_and_in_flux(&self) -> (Vec<SandboxRecord>, Vec<SandboxRecord>) {
+        let mut settled = Vec::new();
+        let mut in_flux = Vec::new();
+        for r in self.records.values().filter(|r| r.owned().next().is_some()) {
+            if self.removing.contains(&r.sandbox) || self.uncommitted.contains(&r.sandbox) {
+                in_flux.push(r.clone());
+            } else {
+                settled.push(r.clone());
+            }
+        }
+        (settled, in_flux)
     }
 
     fn others(&self, sandbox: &SandboxId) -> Vec<SandboxRecord> {
@@ -506,6 +523,7 @@ impl Agent {
                 holds: HashMap::new(),
                 adding: HashMap::new(),
                 removing: HashSet::new(),
+                uncommitted: HashSet::new(),
                 tombstones: HashMap::new(),
                 locks: HashMap::new(),
                 rng: fastrand::Rng::new(),
@@ -888,6 +906,7 @@ impl Agent {
             // below, the sandbox's is (a DEL of it waits for the step to end).
             inner.holds.insert(record.sandbox.clone(), holds);
             inner.records.insert(record.sandbox.clone(), record.clone());
+            inner.uncommitted.insert(record.sandbox.clone());
             record
         };
         // Undoes this ADD through the one removal path (the sandbox's lock is held).
@@ -915,6 +934,9 @@ impl Agent {
             self.still_wanted(req, ticket, deadline, "adding its rules")
                 .map_err(undo)?;
             self.commit_add(&record).map_err(|e| undo(e.into()))?;
+        }
+        self.lock().uncommitted.remove(&record.sandbox);
+        if ours {
             self.still_wanted(req, ticket, deadline, "adding its rules")
                 .map_err(undo)?;
         }
@@ -1086,6 +1108,7 @@ impl Agent {
             inner.release(&record);
             inner.records.remove(sandbox);
             inner.removing.remove(sandbox);
+            inner.uncommitted.remove(sandbox);
             Ok(true)
         } else {
             self.metrics.count_removal_retry();
@@ -1280,24 +1303,30 @@ impl Agent {
 
     fn check_and_repair(&self) -> Result<bool, AgentError> {
         // The check runs without the lock, so that ADD and DEL never wait for it.
-        let snapshot: Vec<SandboxRecord> = self.lock().wanted();
+        let (settled, in_flux) = self.lock().wanted_and_in_flux();
         // Read before the check: a change during it shows as a newer generation next time.
-        let seen = self
-            .firewall
-            .generation()
-            .map(|generation| (generation, fingerprint(&snapshot)));
+        let seen = self.firewall.generation().map(|generation| {
+            let both = [&settled[..], &in_flux[..]].concat();
+            (
+                generation,
+                fingerprint(&both) ^ (in_flux.len() as u64).rotate_left(32),
+            )
+        });
         let verified = || self.verified.lock().unwrap_or_else(|e| e.into_inner());
         if seen.is_some() && *verified() == seen {
             self.metrics.count_check(false);
             return Ok(false);
         }
         self.metrics.count_check(true);
-        if self.firewall.intact(&snapshot)? {
+        if self.firewall.intact_within(&settled, &in_flux)? {
             *verified() = seen;
             return Ok(false);
         }
         *verified() = None;
-        // Under the lock, so that no ADD's commit lands between the snapshot and the load.
+        // Under the lock, so that the records do not change while the rules are built
+        // from them. An ADD whose commit lands during the load adds its elements again
+        // (the kernel takes an element it has); a DEL's removal that finds them gone
+        // rebuilds once more.
         let inner = self.lock();
         self.firewall.replace_all(&inner.wanted())?;
         self.metrics.count_repair();

@@ -1,6 +1,7 @@
 //! Root-only: both firewall backends against the real kernel in a fresh namespace:
 //! rebuild, verify, the watchdog's intact check, add, remove, teardown.
 
+use randport_core::SandboxRecord;
 use randport_core::examples;
 use randport_itests::{TestNetns, root_and_tools_or_skip, test_netns};
 use randport_plugin::firewall::{Firewall, IptablesFirewall, IptablesFlavour, NftFirewall};
@@ -122,36 +123,64 @@ fn iptables_backend_on_the_kernel() {
 }
 
 /// The watchdog's check of the nftables table reads its chains, sets and rules with
-/// netlink dumps and compares them with what it read right after loading the table:
-/// elements coming and going do not count, any change to a chain, set or rule does.
+/// netlink dumps and compares them with what it read right after loading the table, and
+/// counts each set's elements against the records: any change to a chain, set or rule is
+/// seen, and so is a lost element (`nft flush map`) or an extra one; sandboxes being added
+/// or removed may have theirs or not.
 #[test]
-fn the_nftables_check_compares_chains_sets_and_rules_not_elements() {
+fn the_nftables_check_compares_chains_sets_rules_and_element_counts() {
     if !root_and_tools_or_skip(
-        "the_nftables_check_compares_chains_sets_and_rules_not_elements",
+        "the_nftables_check_compares_chains_sets_rules_and_element_counts",
         &["nft"],
     ) {
         return;
     }
     let ns = test_netns("fwshape");
     let fw = NftFirewall::new("randport");
-    let intact = |fw: &NftFirewall| {
-        let fw = fw.clone();
-        ns.inside(move || fw.intact(&[])).unwrap()
+    let intact_with = |fw: &NftFirewall, settled: &[SandboxRecord], in_flux: &[SandboxRecord]| {
+        let (fw, settled, in_flux) = (fw.clone(), settled.to_vec(), in_flux.to_vec());
+        ns.inside(move || fw.intact_within(&settled, &in_flux))
+            .unwrap()
     };
+    let intact = |fw: &NftFirewall| intact_with(fw, &[], &[]);
     let load = |fw: &NftFirewall| {
         let fw = fw.clone();
         ns.inside(move || fw.replace_all(&[])).unwrap();
     };
     load(&fw);
     assert!(intact(&fw), "intact right after the load");
-    // Elements come and go: still the same table.
+    // Elements come and go with the records.
     let all = examples::all();
     let (f, records) = (fw.clone(), all.clone());
     ns.inside(move || f.add_many(&records)).unwrap();
-    assert!(intact(&fw), "elements added");
+    assert!(intact_with(&fw, &all, &[]), "elements added");
+    assert!(!intact(&fw), "elements no record names are seen");
+    assert!(
+        intact_with(&fw, &[], &all),
+        "elements of sandboxes being added may be there"
+    );
     let (f, one) = (fw.clone(), all[0].clone());
     ns.inside(move || f.remove(&one, &[])).unwrap();
-    assert!(intact(&fw), "elements removed");
+    assert!(intact_with(&fw, &all[1..], &[]), "elements removed");
+    assert!(
+        !intact_with(&fw, &all, &[]),
+        "a lost sandbox's elements are seen"
+    );
+    assert!(
+        intact_with(&fw, &all[1..], &all[..1]),
+        "not while it is being added"
+    );
+    for (kind, name) in [("map", "hostports4"), ("set", "hairpin4")] {
+        ns.sh("nft", &["flush", kind, "inet", "randport", name], "");
+        assert!(
+            !intact_with(&fw, &all[1..], &[]),
+            "nft flush {kind} {name} went unnoticed"
+        );
+        let (f, records) = (fw.clone(), all[1..].to_vec());
+        ns.inside(move || f.replace_all(&records)).unwrap();
+        assert!(intact_with(&fw, &all[1..], &[]), "intact after the rebuild");
+    }
+    load(&fw);
     // Each kind of damage is seen, and a rebuild makes the table intact again.
     let damages: [&[&str]; 5] = [
         &["flush", "table", "inet", "randport"],

@@ -297,12 +297,19 @@ impl Firewall for FakeFirewall {
         Ok(self.present().get(&record.sandbox) == Some(&nft::element_count(record)))
     }
 
-    fn intact(&self, records: &[SandboxRecord]) -> Result<bool, FirewallError> {
+    fn intact_within(
+        &self,
+        settled: &[SandboxRecord],
+        in_flux: &[SandboxRecord],
+    ) -> Result<bool, FirewallError> {
         let present = self.present();
-        Ok(present.len() == records.len()
-            && records
-                .iter()
-                .all(|r| present.get(&r.sandbox) == Some(&nft::element_count(r))))
+        let moving = |s: &SandboxId| in_flux.iter().any(|r| &r.sandbox == s);
+        Ok(settled
+            .iter()
+            .all(|r| present.get(&r.sandbox) == Some(&nft::element_count(r)))
+            && present
+                .keys()
+                .all(|s| moving(s) || settled.iter().any(|r| &r.sandbox == s)))
     }
 
     fn teardown(&self) -> Result<(), FirewallError> {

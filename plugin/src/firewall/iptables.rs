@@ -173,9 +173,19 @@ impl Firewall for IptablesFirewall {
         Ok(true)
     }
 
-    fn intact(&self, records: &[SandboxRecord]) -> Result<bool, FirewallError> {
+    fn intact_within(
+        &self,
+        settled: &[SandboxRecord],
+        in_flux: &[SandboxRecord],
+    ) -> Result<bool, FirewallError> {
+        let moving: Vec<String> = in_flux.iter().map(|r| r.sandbox.tag()).collect();
+        let moving = |rule: &iptables::Rule| {
+            rule.comment()
+                .is_some_and(|c| moving.iter().any(|t| t == c))
+        };
         for family in FAMILIES {
-            let drift = self.table(family)?.drift(family, records);
+            let mut drift = self.table(family)?.drift(family, settled);
+            drift.unexpected_rules.retain(|r| !moving(r));
             if !drift.is_empty() {
                 tracing::info!(
                     ?family,

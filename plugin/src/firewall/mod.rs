@@ -86,7 +86,17 @@ pub trait Firewall: Send + Sync {
     /// missing, changed or extra.
     fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError>;
     /// Whether everything we own is present for these sandboxes (nobody flushed it).
-    fn intact(&self, records: &[SandboxRecord]) -> Result<bool, FirewallError>;
+    fn intact(&self, records: &[SandboxRecord]) -> Result<bool, FirewallError> {
+        self.intact_within(records, &[])
+    }
+    /// [`Firewall::intact`] while `in_flux` sandboxes are being added or removed: their
+    /// rules or elements may be there or not; those of `settled` must all be there, and
+    /// nothing else.
+    fn intact_within(
+        &self,
+        settled: &[SandboxRecord],
+        in_flux: &[SandboxRecord],
+    ) -> Result<bool, FirewallError>;
     /// Removes everything we own (used to clean up after a switch of backend).
     fn teardown(&self) -> Result<(), FirewallError>;
     /// A number that changes whenever any rule of the node may have changed (the nftables
@@ -237,8 +247,12 @@ impl<T: Firewall + ?Sized> Firewall for std::sync::Arc<T> {
     fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError> {
         (**self).verify(record)
     }
-    fn intact(&self, records: &[SandboxRecord]) -> Result<bool, FirewallError> {
-        (**self).intact(records)
+    fn intact_within(
+        &self,
+        settled: &[SandboxRecord],
+        in_flux: &[SandboxRecord],
+    ) -> Result<bool, FirewallError> {
+        (**self).intact_within(settled, in_flux)
     }
     fn teardown(&self) -> Result<(), FirewallError> {
         (**self).teardown()

@@ -237,13 +237,15 @@ impl Firewall for NftFirewall {
         Ok(found == expected.iter().collect::<Vec<_>>())
     }
 
-    fn intact(&self, _records: &[SandboxRecord]) -> Result<bool, FirewallError> {
-        // Three netlink dumps (chains, sets, rules: no elements; a reading interrupted by
-        // a change is taken again, five times at most) against what was there right after
-        // our last whole load; they cost the same at any number of mappings and while
-        // mappings come and go. They catch a deleted table, a flushed table or ruleset, a
-        // deleted or changed chain, set or rule. A lost element is what CHECK (`verify`)
-        // finds.
+    fn intact_within(
+        &self,
+        settled: &[SandboxRecord],
+        in_flux: &[SandboxRecord],
+    ) -> Result<bool, FirewallError> {
+        // Three netlink dumps (chains, sets, rules; a reading interrupted by a change is
+        // taken again, five times at most) against what was there right after our last
+        // whole load. They catch a deleted table, a flushed table or ruleset, a deleted or
+        // changed chain, set or rule.
         let Some(now) = self.shape()? else {
             // Still changing after five readings: the generation moved, so the watchdog
             // checks again on its next round.
@@ -252,7 +254,45 @@ impl Firewall for NftFirewall {
         // Without a reference (none could be read whole right after the load, or the
         // table was torn down) the table is not known to be ours: the rebuild that
         // follows reads one.
-        Ok(self.loaded().as_ref() == Some(&now))
+        if self.loaded().as_ref() != Some(&now) {
+            return Ok(false);
+        }
+        // Then the elements, counted per set against the records (`nft flush map`, an
+        // element deleted by hand): one element dump, a few ms at 7,500 elements, only
+        // when the generation moved. A sandbox being added or removed may or may not
+        // have its elements in; elements of one key (two sandboxes of one pod IP share a
+        // hairpin element) count once.
+        let Some(stored) = self.stored_elements()? else {
+            return Ok(true);
+        };
+        let keys = |records: &[SandboxRecord]| -> std::collections::BTreeSet<(String, Vec<u8>)> {
+            records
+                .iter()
+                .flat_map(nft::elements)
+                .map(|e| {
+                    let stored = nft_elements::stored(&e);
+                    (stored.set, stored.key)
+                })
+                .collect()
+        };
+        let must = keys(settled);
+        let mut may = must.clone();
+        may.extend(keys(in_flux));
+        for (set, _, _) in nft::SETS {
+            let present = stored.iter().filter(|e| e.set == set).count();
+            let lower = must.iter().filter(|(s, _)| s == set).count();
+            let upper = may.iter().filter(|(s, _)| s == set).count();
+            if present < lower || present > upper {
+                tracing::info!(
+                    set,
+                    present,
+                    expected = lower,
+                    "our nftables set does not hold what the records say (flushed or edited)"
+                );
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn teardown(&self) -> Result<(), FirewallError> {
