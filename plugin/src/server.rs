@@ -161,7 +161,7 @@ impl HealthCheck {
 }
 
 /// Binds the metrics address: `IP:PORT`, `[IPv6]:PORT`, an IPv6 address without brackets
-/// before its port (what `$(RANDPORT_HOST_IP):9740` gives in a manifest), or
+/// before its port (what `$(NODE_IP):9740` gives in a manifest), or
 /// `HOST:PORT`.
 pub fn metrics_listener(addr: &str) -> std::io::Result<TcpListener> {
     if let Ok(socket) = addr.parse::<std::net::SocketAddr>() {
