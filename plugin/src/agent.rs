@@ -336,6 +336,9 @@ struct Inner {
     removing: HashSet<SandboxId>,
     /// Sandboxes whose ADD recorded them and has not committed their rules yet.
     uncommitted: HashSet<SandboxId>,
+    /// Sandboxes whose removal runs now (a subset of `removing`; the others' removal
+    /// failed and waits for a retried DEL).
+    in_removal: HashSet<SandboxId>,
     /// Sandboxes deleted before their ADD arrived, and when.
     tombstones: HashMap<SandboxId, Instant>,
     /// Per-sandbox operation locks, while someone uses them.
@@ -380,11 +383,12 @@ impl Inner {
         let mut settled = Vec::new();
         let mut in_flux = Vec::new();
         for r in self.records.values().filter(|r| r.owned().next().is_some()) {
-            if self.removing.contains(&r.sandbox) || self.uncommitted.contains(&r.sandbox) {
+            if self.in_removal.contains(&r.sandbox) || self.uncommitted.contains(&r.sandbox) {
                 in_flux.push(r.clone());
-            } else {
+            } else if !self.removing.contains(&r.sandbox) {
                 settled.push(r.clone());
             }
+            // A sandbox whose removal failed has no rule wanted: a rebuild leaves it out.
         }
         (settled, in_flux)
     }
@@ -524,6 +528,7 @@ impl Agent {
                 adding: HashMap::new(),
                 removing: HashSet::new(),
                 uncommitted: HashSet::new(),
+                in_removal: HashSet::new(),
                 tombstones: HashMap::new(),
                 locks: HashMap::new(),
                 rng: fastrand::Rng::new(),
@@ -889,8 +894,16 @@ impl Agent {
                 pod_ips: request.pod_ips.clone(),
                 mappings,
             };
-            if record.mappings.is_empty() {
-                // Nothing to map or reserve (no ports, or no annotation and no hostPort).
+            // A record only reserves ports another plugin maps when one of them lies in the
+            // random range: a random pick could land there, also after a restart.
+            let reserves = record
+                .mappings
+                .iter()
+                .any(|m| !m.owned() && self.config.port_range.contains(m.host_port));
+            if record.owned().next().is_none() && !reserves {
+                // Nothing to map or reserve (no ports, no annotation and no hostPort, or
+                // only hostPorts another plugin maps outside the range).
+                inner.release(&record);
                 drop(guard);
                 drop(op);
                 if request.mapping_requested {
@@ -1081,29 +1094,22 @@ impl Agent {
                 return Ok(false);
             }
             inner.removing.insert(sandbox.clone());
+            inner.in_removal.insert(sandbox.clone());
             record
         };
-        let mut errors = Vec::new();
-        let remaining = || self.lock().others(sandbox);
-        let has_rules = record.owned().next().is_some();
-        let rules_gone = match has_rules
-            .then(|| self.firewall.remove_or_rebuild(&record, &remaining))
-            .transpose()
-        {
-            Ok(_) => true,
-            Err(e) => {
-                errors.push(e.to_string());
-                false
-            }
-        };
-        if rules_gone {
-            // Only now: a stale UDP flow must not be re-created through a rule still there.
-            self.flush_conntrack(&record, false);
-            if let Err(e) = self.state.delete(sandbox) {
-                errors.push(e.to_string());
-            }
-        }
+        let mut errors = crate::removal::remove_sandbox(
+            &*self.firewall,
+            &*self.state,
+            &record,
+            &|| self.lock().others(sandbox),
+            // Queued: the worker flushes after the rules are gone (its failures are logged).
+            &mut |record| {
+                self.flush_conntrack(record, false);
+                Vec::new()
+            },
+        );
         let mut inner = self.lock();
+        inner.in_removal.remove(sandbox);
         if errors.is_empty() {
             inner.release(&record);
             inner.records.remove(sandbox);

@@ -25,6 +25,7 @@ pub mod nft_elements;
 pub mod node_ports;
 pub mod offline;
 pub mod pods;
+pub mod removal;
 pub mod rpc;
 pub mod server;
 pub mod state;

@@ -138,22 +138,36 @@ pub fn remove_sandbox(
     let Some(record) = records.iter().find(|r| &r.sandbox == sandbox) else {
         return Ok(false);
     };
-    let remaining: Vec<_> = records
-        .iter()
-        .filter(|r| &r.sandbox != sandbox)
-        .cloned()
-        .collect();
-    firewall(read_info(state_dir))
-        .remove(record, &remaining)
-        .map_err(|e| e.to_string())?;
-    for m in record.owned().filter(|m| needs_flush(m.protocol)) {
-        // Stale UDP flows would otherwise still be translated to the pod's old IP.
-        conntrack
-            .flush(PortKey::on(m.protocol, m.host_ip), m.host_port)
-            .map_err(|e| e.to_string())?;
+    let remaining = || {
+        records
+            .iter()
+            .filter(|r| &r.sandbox != sandbox)
+            .cloned()
+            .collect()
+    };
+    let errors = crate::removal::remove_sandbox(
+        &*firewall(read_info(state_dir)),
+        &store,
+        record,
+        &remaining,
+        &mut |record| {
+            record
+                .owned()
+                .filter(|m| needs_flush(m.protocol))
+                .filter_map(|m| {
+                    conntrack
+                        .flush(PortKey::on(m.protocol, m.host_ip), m.host_port)
+                        .err()
+                        .map(|e| e.to_string())
+                })
+                .collect()
+        },
+    );
+    if errors.is_empty() {
+        Ok(true)
+    } else {
+        Err(errors.join("; "))
     }
-    store.delete(sandbox).map_err(|e| e.to_string())?;
-    Ok(true)
 }
 
 #[cfg(test)]

@@ -339,8 +339,8 @@ fn explicit_host_ports_are_left_to_portmap_before_us_in_the_chain_and_still_list
         )
     );
 
-    // Without the annotation: nothing of ours, so no rule; 8443 is only reserved (a
-    // record keeps the reservation across restarts).
+    // Without the annotation: nothing of ours, so no record and no rule (8443 is outside
+    // the random range: nothing to reserve).
     node.pods.put(pod("plain", None, ports.clone()));
     assert_eq!(
         node.agent
@@ -358,7 +358,6 @@ fn explicit_host_ports_are_left_to_portmap_before_us_in_the_chain_and_still_list
     );
 
     node.agent.del(&record.sandbox).unwrap();
-    node.agent.del(&SandboxId("sb2".into())).unwrap();
     assert_nothing_left(&node);
 
     // The same chain without portmap: randport maps 8443 itself.
