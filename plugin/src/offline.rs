@@ -20,8 +20,10 @@ use randport_core::{PortKey, SandboxId};
 use serde::{Deserialize, Serialize};
 
 use crate::conntrack::{Conntrack, needs_flush};
-use crate::firewall::{Backend, Firewall, IptablesFlavour};
+use crate::firewall::iptables::tools;
+use crate::firewall::{Backend, Firewall, IptablesFirewall, IptablesFlavour, Runner};
 use crate::state::{DirStateStore, StateStore, write_atomic};
+use randport_core::IpFamily;
 
 /// The lock file in the state directory.
 pub const LOCK_FILE: &str = "agent.lock";
@@ -63,7 +65,7 @@ impl StateLock {
 }
 
 /// What a plugin needs to know of the agent's firewall.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentInfo {
     /// The backend.
@@ -73,6 +75,11 @@ pub struct AgentInfo {
     /// With iptables: whose commands.
     #[serde(default)]
     pub iptables_flavour: IptablesFlavour,
+    /// With iptables: the kernel interface its commands used, as `iptables-save
+    /// --version` says it (`nf_tables` or `legacy`), so that a plugin on the host does not
+    /// change the other one's tables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iptables_backend: Option<String>,
 }
 
 impl Default for AgentInfo {
@@ -81,7 +88,62 @@ impl Default for AgentInfo {
             firewall: Backend::Nftables,
             localhost_access: false,
             iptables_flavour: IptablesFlavour::System,
+            iptables_backend: None,
         }
+    }
+}
+
+/// The kernel interface (`nf_tables` or `legacy`) named in an iptables `--version` line
+/// (`iptables-save v1.8.9 (nf_tables)`).
+pub fn iptables_backend_of(version: &str) -> Option<String> {
+    ["nf_tables", "legacy"]
+        .into_iter()
+        .find(|b| version.contains(&format!("({b})")))
+        .map(str::to_owned)
+}
+
+/// Which iptables commands a plugin on the host runs to change what the agent made: the
+/// agent's own flavour, or, when the agent ran its node's plain `iptables` (from its image),
+/// the host's commands of the same kernel interface. An error, saying what to do, when the
+/// host has none of those.
+pub fn iptables_flavour_for(info: &AgentInfo, run: Runner<'_>) -> Result<IptablesFlavour, String> {
+    let (IptablesFlavour::System, Some(want)) = (info.iptables_flavour, &info.iptables_backend)
+    else {
+        return Ok(info.iptables_flavour);
+    };
+    let backend_of = |flavour: IptablesFlavour| {
+        run(tools(IpFamily::V4, flavour).1, &["--version"], "")
+            .ok()
+            .and_then(|v| iptables_backend_of(&v))
+    };
+    let host = backend_of(IptablesFlavour::System);
+    if host.as_deref() == Some(want.as_str()) {
+        return Ok(IptablesFlavour::System);
+    }
+    let explicit = if want == "legacy" {
+        IptablesFlavour::Legacy
+    } else {
+        IptablesFlavour::Nft
+    };
+    if backend_of(explicit).as_deref() == Some(want.as_str()) {
+        return Ok(explicit);
+    }
+    Err(format!(
+        "randportd made its rules with iptables ({want}), and this node has no iptables \
+         commands of that kind (its `iptables` is {}; no {}): the rules cannot be removed \
+         without the agent; start randportd, which removes them",
+        host.as_deref().unwrap_or("missing"),
+        tools(IpFamily::V4, explicit).0
+    ))
+}
+
+/// The firewall backend the agent recorded in `agent.info`, for a plugin on the host.
+pub fn backend_for(info: &AgentInfo, run: Runner<'_>) -> Result<Box<dyn Firewall>, String> {
+    match info.firewall {
+        Backend::Iptables => Ok(Box::new(IptablesFirewall::new(iptables_flavour_for(
+            info, run,
+        )?))),
+        nftables => Ok(crate::firewall::backend(nftables, info.localhost_access)),
     }
 }
 
@@ -106,7 +168,7 @@ pub fn read_info(state_dir: &Path) -> AgentInfo {
 pub fn remove_sandbox(
     state_dir: &Path,
     sandbox: &SandboxId,
-    firewall: &dyn Fn(AgentInfo) -> Box<dyn Firewall>,
+    firewall: &dyn Fn(AgentInfo) -> Result<Box<dyn Firewall>, String>,
     conntrack: &dyn Conntrack,
 ) -> Result<bool, String> {
     if !state_dir.is_dir() {
@@ -146,7 +208,7 @@ pub fn remove_sandbox(
             .collect()
     };
     let errors = crate::removal::remove_sandbox(
-        &*firewall(read_info(state_dir)),
+        &*firewall(read_info(state_dir))?,
         &store,
         record,
         &remaining,
@@ -224,15 +286,16 @@ mod tests {
                 firewall: Backend::Iptables,
                 localhost_access: false,
                 iptables_flavour: IptablesFlavour::Legacy,
+                iptables_backend: None,
             },
         )
         .unwrap();
         let firewall = Arc::new(FakeFirewall::default());
         let conntrack = FakeConntrack::default();
         let used = std::sync::Mutex::new(None);
-        let make = |info: AgentInfo| -> Box<dyn Firewall> {
+        let make = |info: AgentInfo| -> Result<Box<dyn Firewall>, String> {
             *used.lock().unwrap() = Some(info.firewall);
-            Box::new(Arc::clone(&firewall))
+            Ok(Box::new(Arc::clone(&firewall)))
         };
         assert_eq!(
             remove_sandbox(&dir, &SandboxId("sb1".into()), &make, &conntrack),
@@ -275,7 +338,9 @@ mod tests {
             .save(&record("sb1", 20000))
             .unwrap();
         let agent = StateLock::acquire(&dir).unwrap();
-        let firewall = |_: AgentInfo| -> Box<dyn Firewall> { Box::new(FakeFirewall::default()) };
+        let firewall = |_: AgentInfo| -> Result<Box<dyn Firewall>, String> {
+            Ok(Box::new(FakeFirewall::default()))
+        };
         let started = Instant::now();
         let e = remove_sandbox(
             &dir,
@@ -306,7 +371,8 @@ mod tests {
 
     #[test]
     fn a_node_without_a_state_directory_has_nothing_to_remove() {
-        let firewall = |_: AgentInfo| -> Box<dyn Firewall> { panic!("no firewall needed") };
+        let firewall =
+            |_: AgentInfo| -> Result<Box<dyn Firewall>, String> { panic!("no firewall needed") };
         assert_eq!(
             remove_sandbox(
                 Path::new("/nonexistent/randport-state"),
@@ -316,5 +382,107 @@ mod tests {
             ),
             Ok(false)
         );
+    }
+
+    /// A runner whose `PROGRAM --version` answers come from `versions`; other programs
+    /// are missing.
+    fn versions<'a>(
+        versions: &'a [(&'a str, &'a str)],
+    ) -> impl Fn(&str, &[&str], &str) -> Result<String, String> + 'a {
+        move |program, _, _| {
+            versions
+                .iter()
+                .find(|(p, _)| *p == program)
+                .map(|(_, v)| (*v).to_owned())
+                .ok_or_else(|| format!("cannot run {program}: not installed"))
+        }
+    }
+
+    #[test]
+    fn the_plugin_uses_iptables_commands_of_the_kernel_interface_the_agent_used() {
+        let info = |flavour, backend: Option<&str>| AgentInfo {
+            firewall: Backend::Iptables,
+            localhost_access: false,
+            iptables_flavour: flavour,
+            iptables_backend: backend.map(str::to_owned),
+        };
+        let nft_host = [("iptables-save", "iptables-save v1.8.9 (nf_tables)")];
+        let legacy_host_with_nft = [
+            ("iptables-save", "iptables-save v1.8.9 (legacy)"),
+            ("iptables-nft-save", "iptables-nft-save v1.8.9 (nf_tables)"),
+        ];
+        let legacy_only = [("iptables-save", "iptables-save v1.8.9 (legacy)")];
+        // The agent's image ran plain iptables (nf_tables): the host's plain one is the same.
+        assert_eq!(
+            iptables_flavour_for(
+                &info(IptablesFlavour::System, Some("nf_tables")),
+                &versions(&nft_host)
+            ),
+            Ok(IptablesFlavour::System)
+        );
+        // The host's plain iptables is legacy: its -nft commands change the agent's tables.
+        assert_eq!(
+            iptables_flavour_for(
+                &info(IptablesFlavour::System, Some("nf_tables")),
+                &versions(&legacy_host_with_nft)
+            ),
+            Ok(IptablesFlavour::Nft)
+        );
+        // Nothing of the kind on the host: an error that says what to do, nothing run.
+        let err = iptables_flavour_for(
+            &info(IptablesFlavour::System, Some("nf_tables")),
+            &versions(&legacy_only),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("iptables (nf_tables)")
+                && err.contains("its `iptables` is legacy")
+                && err.contains("start randportd"),
+            "{err}"
+        );
+        // An explicit flavour, or an agent that recorded no interface (older agent.info), is used as it is.
+        assert_eq!(
+            iptables_flavour_for(&info(IptablesFlavour::Legacy, None), &versions(&[])),
+            Ok(IptablesFlavour::Legacy)
+        );
+        assert_eq!(
+            iptables_flavour_for(&info(IptablesFlavour::System, None), &versions(&[])),
+            Ok(IptablesFlavour::System)
+        );
+        assert_eq!(
+            iptables_backend_of("iptables v1.8.7 (legacy)").as_deref(),
+            Some("legacy")
+        );
+        assert_eq!(iptables_backend_of("iptables v1.4"), None);
+    }
+
+    #[test]
+    fn a_del_without_the_agent_works_beside_an_empty_record() {
+        let dir = state_dir();
+        let store = DirStateStore::open(&dir).unwrap();
+        store.save(&record("sb1", 20000)).unwrap();
+        // What a power loss can leave: an empty file where a record was renamed.
+        std::fs::write(dir.join("torn.json"), b"").unwrap();
+        let firewall = Arc::new(FakeFirewall::default());
+        let make = |_: AgentInfo| -> Result<Box<dyn Firewall>, String> {
+            Ok(Box::new(Arc::clone(&firewall)))
+        };
+        let conntrack = FakeConntrack::default();
+        assert_eq!(
+            remove_sandbox(&dir, &SandboxId("sb1".into()), &make, &conntrack),
+            Ok(true)
+        );
+        assert!(
+            dir.join("torn.json.corrupt").exists(),
+            "moved aside, not in the way"
+        );
+        assert!(
+            DirStateStore::open(&dir)
+                .unwrap()
+                .load_all()
+                .unwrap()
+                .is_empty()
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -22,13 +22,8 @@ fn main() -> ExitCode {
         &stdin,
         &mut |socket, request| call(socket, request, AGENT_TIMEOUT),
         &mut |state_dir, sandbox| {
-            let backend = |info: offline::AgentInfo| match info.firewall {
-                firewall::Backend::Iptables => {
-                    Box::new(firewall::IptablesFirewall::new(info.iptables_flavour))
-                        as Box<dyn firewall::Firewall>
-                }
-                nftables => firewall::backend(nftables, info.localhost_access),
-            };
+            let backend =
+                |info: offline::AgentInfo| offline::backend_for(&info, &firewall::run_tool);
             let removed = offline::remove_sandbox(state_dir, sandbox, &backend, &NetlinkConntrack)?;
             // The runtime keeps the plugin's stderr in its log: say what happened.
             eprintln!(

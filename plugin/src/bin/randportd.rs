@@ -456,6 +456,11 @@ fn run_agent(cli: Cli) -> Result<()> {
             firewall: choice.backend,
             localhost_access: cli.localhost_access,
             iptables_flavour: choice.flavour,
+            iptables_backend: (choice.backend == Backend::Iptables)
+                .then(|| firewall::run_tool("iptables-save", &["--version"], "").ok())
+                .flatten()
+                .filter(|_| choice.flavour == firewall::IptablesFlavour::System)
+                .and_then(|v| offline::iptables_backend_of(&v)),
         },
     )
     .with_context(|| {
