@@ -1925,3 +1925,360 @@ async fn the_chart_runs_on_the_node_maps_pods_rolls_and_uninstalls() {
     wait_gone(&agents, "randport-live-uninstall-a").await;
     helm_ok(&["uninstall", "randport-live", "-n", AGENT_NS]);
 }
+
+/// A TCP proxy of the test's own in front of the real API server (TLS passes through): it
+/// can hold every byte (the API server stops answering) or cut every connection (resets).
+struct ApiProxy {
+    addr: SocketAddr,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    resetting: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ApiProxy {
+    fn start(upstream: SocketAddr) -> ApiProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stalled, resetting, stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (s, r, st) = (stalled.clone(), resetting.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if st.load(SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                if r.load(SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect_timeout(&upstream, Duration::from_secs(5))
+                else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let (s, r, st) = (s.clone(), r.clone(), st.clone());
+                    std::thread::spawn(move || {
+                        let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            if r.load(SeqCst) || st.load(SeqCst) {
+                                let _ = from.shutdown(std::net::Shutdown::Both);
+                                let _ = to.shutdown(std::net::Shutdown::Both);
+                                return;
+                            }
+                            let n = match from.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => n,
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
+                                    ) =>
+                                {
+                                    continue;
+                                }
+                                Err(_) => break,
+                            };
+                            // Held while stalled: the API server "does not answer".
+                            while s.load(SeqCst) && !r.load(SeqCst) && !st.load(SeqCst) {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        ApiProxy {
+            addr,
+            stalled,
+            resetting,
+            stop,
+        }
+    }
+
+    fn set(&self, stalled: bool, resetting: bool) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.stalled.store(stalled, SeqCst);
+        self.resetting.store(resetting, SeqCst);
+    }
+}
+
+impl Drop for ApiProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// A randportd of the test's own (`--pods kube` through an [`ApiProxy`]) in the client
+/// namespace, with its own socket, records and port range; killed, its table deleted and
+/// its files removed when dropped.
+struct ProxiedAgent {
+    child: std::process::Child,
+    dir: PathBuf,
+    bin_dir: PathBuf,
+}
+
+impl ProxiedAgent {
+    fn socket(&self) -> PathBuf {
+        self.dir.join("randportd.sock")
+    }
+
+    /// Runs the plugin for `verb` of `sandbox` (pod `ns/name`, address `ip`); the child,
+    /// its stdin already written.
+    fn plugin(
+        &self,
+        verb: &str,
+        sandbox: &str,
+        pod: (&str, &str),
+        ip: &str,
+    ) -> std::process::Child {
+        let conf = json!({
+            "cniVersion": "1.1.0", "name": "e2e-proxied", "type": "randport",
+            "socket": self.socket(), "stateDir": self.dir.join("state"),
+            "prevResult": {"cniVersion": "1.1.0", "interfaces": [{"name": "eth0"}],
+                           "ips": [{"address": format!("{ip}/24")}]}
+        });
+        let mut child = Command::new(self.bin_dir.join("randport"))
+            .env("CNI_COMMAND", verb)
+            .env("CNI_CONTAINERID", sandbox)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_NETNS", "/proc/self/ns/net")
+            .env("CNI_PATH", &self.bin_dir)
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+                    pod.0, pod.1
+                ),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running randport");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        child
+    }
+
+    /// Runs the plugin to its end; (success, stdout).
+    fn plugin_ok(&self, verb: &str, sandbox: &str, pod: (&str, &str), ip: &str) -> (bool, String) {
+        let out = self
+            .plugin(verb, sandbox, pod, ip)
+            .wait_with_output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    fn records(&self) -> Vec<SandboxRecord> {
+        let out = Command::new(self.bin_dir.join("randportd"))
+            .args(["list", "--json", "--socket"])
+            .arg(self.socket())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for ProxiedAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", "randport"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The worst of the failure model, against the real API server: it stops answering while
+/// an ADD waits on it (or cuts every connection), the runtime gives up on the plugin and
+/// sends DEL, which succeeds; then the API server answers again. The abandoned ADD must
+/// not map anything afterwards: its sandbox's pod IP goes to the next pod each time, and
+/// only that pod's mapping may name it. 200 rounds; then the agent's records, its held
+/// ports and the kernel's elements are all empty.
+#[tokio::test]
+async fn adds_abandoned_while_the_api_server_stalls_or_resets_leave_nothing() {
+    let test = "adds_abandoned_while_the_api_server_stalls_or_resets_leave_nothing";
+    if !cluster_or_skip(test) {
+        return;
+    }
+    if local_cluster().is_none() {
+        eprintln!(
+            "note: {test} runs a second agent of its own beside the node (the local cluster)"
+        );
+        return;
+    }
+    let client = Client::try_default().await.unwrap();
+    let ns = TestNamespace::create(&client, "proxied").await;
+    let node = format!("rp-proxied-{}", run_id());
+    let upstream: SocketAddr = format!("{LOCAL_NODE_IP}:6443").parse().unwrap();
+    let proxy = ApiProxy::start(upstream);
+
+    let dir = std::env::temp_dir().join(format!("rp-e2e-proxied-{}", run_id()));
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    let kubeconfig = std::fs::read_to_string(std::env::var("KUBECONFIG").unwrap()).unwrap();
+    let kubeconfig = kubeconfig.replace(
+        &format!("https://{LOCAL_NODE_IP}:6443"),
+        &format!("https://{}", proxy.addr),
+    );
+    assert!(kubeconfig.contains(&proxy.addr.to_string()), "{kubeconfig}");
+    std::fs::write(dir.join("kubeconfig"), kubeconfig).unwrap();
+    let bin_dir = std::env::var("RANDPORT_E2E_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug")));
+    let log = std::fs::File::create(dir.join("randportd.log")).unwrap();
+    let child = Command::new(bin_dir.join("randportd"))
+        .env("KUBECONFIG", dir.join("kubeconfig"))
+        .args([
+            "--node-name",
+            &node,
+            "--pods",
+            "kube",
+            "--metrics-addr",
+            "off",
+        ])
+        .args(["--port-range", "41000-41999", "--socket"])
+        .arg(dir.join("randportd.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting randportd");
+    let agent = ProxiedAgent {
+        child,
+        dir: dir.clone(),
+        bin_dir,
+    };
+    let started = Instant::now();
+    while !agent.plugin_ok("STATUS", "x", ("", ""), "198.18.9.9").0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the agent never became ready: {}",
+            std::fs::read_to_string(dir.join("randportd.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let pod = |name: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": {KEY: ""}},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": LOCAL_BUSYBOX,
+                     "ports": [{"containerPort": 8080}, {"containerPort": 53, "protocol": "UDP"}]}]}
+        }))
+        .unwrap()
+    };
+    let ip = "198.18.9.9";
+    let rounds = 200;
+    let mut abandoned_codes = BTreeMap::<String, usize>::new();
+    for round in 0..rounds {
+        let (old, new) = (format!("old-{round}"), format!("new-{round}"));
+        for name in [&old, &new] {
+            pods.create(&PostParams::default(), &pod(name))
+                .await
+                .unwrap();
+        }
+        // Half the rounds the API server holds every byte, half it cuts every connection.
+        proxy.set(round % 2 == 0, round % 2 == 1);
+        let abandoned = format!("abandoned{round}");
+        let mut add = agent.plugin("ADD", &abandoned, (&ns.name, &old), ip);
+        std::thread::sleep(Duration::from_millis(150));
+        if add.try_wait().unwrap().is_none() {
+            // The runtime gives up on the plugin (its CNI timeout, a cancelled request).
+            let _ = add.kill();
+        }
+        let add = add.wait_with_output().unwrap();
+        *abandoned_codes
+            .entry(if add.status.success() {
+                "succeeded".into()
+            } else {
+                "failed or killed".into()
+            })
+            .or_default() += 1;
+        let (deleted, out) = agent.plugin_ok("DEL", &abandoned, (&ns.name, &old), ip);
+        assert!(deleted, "round {round}: DEL failed: {out}");
+        // The API server answers again; the IP goes to the next pod.
+        proxy.set(false, false);
+        let (added, out) = agent.plugin_ok("ADD", &format!("next{round}"), (&ns.name, &new), ip);
+        assert!(added, "round {round}: the next pod's ADD failed: {out}");
+        let with_ip: Vec<String> = agent
+            .records()
+            .into_iter()
+            .filter(|r| r.pod_ips.iter().any(|a| a.to_string() == ip))
+            .map(|r| r.sandbox.0)
+            .collect();
+        assert_eq!(with_ip, vec![format!("next{round}")], "round {round}");
+        let (deleted, out) = agent.plugin_ok("DEL", &format!("next{round}"), (&ns.name, &new), ip);
+        assert!(deleted, "round {round}: {out}");
+    }
+    // Every abandoned ADD has finished by now (each stops at its next step once the API
+    // answers): nothing of any sandbox is left anywhere.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let records = agent.records();
+        let table = Command::new("nft")
+            .args(["-j", "list", "table", "inet", "randport"])
+            .output()
+            .unwrap();
+        let elements = String::from_utf8_lossy(&table.stdout)
+            .matches("\"elem\"")
+            .count();
+        let held: Vec<u16> = (41000..=41999)
+            .filter(|p| std::net::TcpListener::bind(("0.0.0.0", *p)).is_err())
+            .collect();
+        if records.is_empty() && elements == 0 && held.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {} records, {elements} map elements, held ports {held:?}; log: {}",
+            records.len(),
+            std::fs::read_to_string(dir.join("randportd.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let state: Vec<_> = std::fs::read_dir(dir.join("state"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .collect();
+    assert!(state.is_empty(), "records left on disk: {state:?}");
+    eprintln!("{rounds} abandoned ADDs: {abandoned_codes:?}; nothing left");
+    let log = std::fs::read_to_string(dir.join("randportd.log")).unwrap_or_default();
+    eprintln!(
+        "the agent saw {} ADDs cancelled by their DEL and {} late ADDs refused",
+        log.matches("while its ADD was at").count(),
+        log.matches("before its ADD arrived").count()
+    );
+    drop(agent);
+    drop(proxy);
+}

@@ -747,6 +747,7 @@ impl Agent {
             && !matches!(
                 e,
                 AgentError::NotReady(_)
+                    | AgentError::SandboxDeleted { .. }
                     | AgentError::Pod(PodError::NotFound { .. } | PodError::Api { .. })
             )
         {

@@ -409,6 +409,135 @@ fn fill(
     Ok(target.max(have))
 }
 
+/// One reading of the agent while its metrics endpoint is abused.
+#[derive(Debug, Clone)]
+pub struct EndpointRow {
+    /// What was going on.
+    pub what: String,
+    /// The agent's RSS, MiB.
+    pub rss_mib: f64,
+    /// ADD+DEL pairs through the plugin meanwhile: ADD latency.
+    pub add: Percentiles,
+    /// And DEL latency.
+    pub del: Percentiles,
+}
+
+/// The agent's metrics and probe endpoint under abuse (DESIGN: 1 GiB without a newline,
+/// 3,000 idle connections): the agent's RSS and the latency of ADD and DEL through the
+/// plugin before, during a flood of `flood_mib` MiB sent without a newline on each of 4
+/// connections at once, and while `idle` connections sit open sending nothing; then
+/// `/healthz` once they are gone. Node 0 of a one-node cluster, 20 ADD+DEL pairs a row.
+pub fn endpoint(
+    flood_mib: u64,
+    idle: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<EndpointRow>> {
+    let spec = ClusterSpec {
+        nodes: 1,
+        ..ClusterSpec::default()
+    };
+    let c = Cluster::up(spec, &mut |_| {})?;
+    let pid = c.nodes[0].agent_pid().context("no agent")?;
+    let plugin = Randport {
+        backend: "nftables".into(),
+    };
+    let addr: SocketAddr = crate::cluster::METRICS_ADDR.parse()?;
+    let mut next = 0usize;
+    let mut row = |what: &str, c: &Cluster| -> Result<EndpointRow> {
+        let (adds, dels) = measure_add_del(c, &plugin, next, 20)?;
+        next += 20;
+        Ok(EndpointRow {
+            what: what.to_owned(),
+            rss_mib: rss_mib(pid)?,
+            add: percentiles(&adds),
+            del: percentiles(&dels),
+        })
+    };
+    let mut rows = vec![row("at rest", &c)?];
+    progress(&format!(
+        "flooding the endpoint with {flood_mib} MiB x 4, no newline"
+    ));
+    let ns = &c.nodes[0].ns;
+    let flood = move || -> Result<u64> {
+        ns.enter(move || -> Result<u64> {
+            let connect = || -> Result<TcpStream> {
+                let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+                Ok(stream)
+            };
+            let mut stream = connect()?;
+            let chunk = vec![b'A'; 1 << 20];
+            let mut sent = 0u64;
+            // The agent cuts each connection at 8 KiB; reconnect and go on.
+            while sent < flood_mib << 20 {
+                match stream.write(&chunk) {
+                    Ok(n) => sent += n as u64,
+                    Err(_) => stream = connect()?,
+                }
+            }
+            Ok(sent)
+        })?
+    };
+    let during = std::thread::scope(|s| -> Result<EndpointRow> {
+        let floods: Vec<_> = (0..4).map(|_| s.spawn(flood)).collect();
+        let during = row(
+            &format!("while 4 x {flood_mib} MiB without a newline are sent"),
+            &c,
+        )?;
+        for f in floods {
+            f.join()
+                .map_err(|_| anyhow::anyhow!("a flood thread panicked"))??;
+        }
+        Ok(during)
+    })?;
+    rows.push(during);
+    rows.push(row(
+        &format!("after {} MiB without a newline", 4 * flood_mib),
+        &c,
+    )?);
+    progress(&format!("opening {idle} idle connections"));
+    let held: Vec<TcpStream> = c.nodes[0].ns.enter(move || {
+        (0..idle)
+            .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok())
+            .collect()
+    })?;
+    let opened = held.len();
+    rows.push(row(&format!("{opened} idle connections open"), &c)?);
+    drop(held);
+    std::thread::sleep(Duration::from_secs(6));
+    let healthz = c.nodes[0].ns.enter(move || -> Result<String> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        Ok(text)
+    })??;
+    if !healthz.starts_with("HTTP/1.0 200") {
+        bail!("/healthz after the abuse: {healthz}");
+    }
+    rows.push(row("after, /healthz 200 again", &c)?);
+    Ok(rows)
+}
+
+/// The endpoint rows as a markdown table.
+pub fn endpoint_markdown(rows: &[EndpointRow], command: &str) -> String {
+    let f = |p: &Percentiles| format!("{:.1} / {:.1}", p.p50, p.p99);
+    let mut out = format!(
+        "Command: `{command}`  \nMachine: {}  \n\n| the agent's endpoint | agent RSS, MiB | ADD p50 / p99, ms | DEL p50 / p99, ms |\n| --- | ---: | ---: | ---: |\n",
+        machine()
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {:.1} | {} | {} |\n",
+            r.what,
+            r.rss_mib,
+            f(&r.add),
+            f(&r.del)
+        ));
+    }
+    out
+}
+
 /// ADD+DEL pairs of fresh pods: (ADD times, DEL times).
 fn measure_add_del(
     c: &Cluster,

@@ -29,6 +29,10 @@ use crate::workload::{self, Workload};
 /// Where runs keep their files.
 pub const RUNS_DIR: &str = "/tmp/randport-sim";
 
+/// Where each node's agent serves `/metrics`, `/healthz` and `/readyz`, inside the node's
+/// namespace.
+pub const METRICS_ADDR: &str = "127.0.0.1:9740";
+
 /// What to build.
 #[derive(Debug, Clone)]
 pub struct ClusterSpec {
@@ -466,8 +470,9 @@ impl Cluster {
             .args([
                 "--port-range",
                 &self.spec.port_range,
+                // The node's own loopback: each node is a namespace of its own.
                 "--metrics-addr",
-                "off",
+                METRICS_ADDR,
             ])
             .arg(format!(
                 "--repair-interval-ms={}",

@@ -17,7 +17,7 @@ use randport_sim::{down, preview};
 
 const USAGE: &str = "usage: randport-sim demo [--nodes N] [--pods N] [--ipv6] [--firewall nftables|iptables] [--port-range LO-HI] [--wiring netlink|ip] [--wait-for-kernel]
        randport-sim down [RUN_ID]
-       randport-sim bench [--quick] [--out FILE.md]
+       randport-sim bench [--quick | --endpoint] [--out FILE.md]
        randport-sim plan [--nodes N] [--pods N] [--ipv6] [--seed N] [--rules]";
 
 /// The run the signal handler cleans up.
@@ -390,6 +390,7 @@ fn bench(args: &[String]) -> Result<()> {
     use randport_sim::bench::{self, BenchSpec};
     let mut spec = BenchSpec::default();
     let mut out: Option<std::path::PathBuf> = None;
+    let mut endpoint = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -406,6 +407,7 @@ fn bench(args: &[String]) -> Result<()> {
                 }
             }
             "--out" => out = Some(it.next().context("--out needs a file")?.into()),
+            "--endpoint" => endpoint = true,
             other => bail!("unknown option {other:?}\n{USAGE}"),
         }
     }
@@ -414,6 +416,18 @@ fn bench(args: &[String]) -> Result<()> {
     }
     let command = format!("randport-sim bench {}", args.join(" "));
     let started = Instant::now();
+    if endpoint {
+        // 1 GiB in all (4 x 256 MiB) and 3,000 idle connections: DESIGN's bad-input target.
+        let rows = bench::endpoint(256, 3000, &mut |m| {
+            println!("==> [{:>5.0} s] {m}", started.elapsed().as_secs_f64())
+        })?;
+        let text = bench::endpoint_markdown(&rows, command.trim());
+        println!("\n{text}");
+        if let Some(path) = out {
+            bench::write(&path, &text)?;
+        }
+        return Ok(());
+    }
     let report = bench::run(&spec, &mut |m| {
         println!("==> [{:>5.0} s] {m}", started.elapsed().as_secs_f64())
     })?;
