@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use randport_plugin::rpc::Request;
+use randport_plugin::agent::rpc::Request;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(request) = serde_json::from_slice::<Request>(data) {

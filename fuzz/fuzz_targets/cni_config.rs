@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use randport_plugin::cni::{CniEnv, run};
-use randport_plugin::rpc::Response;
+use randport_plugin::agent::rpc::Response;
 
 fuzz_target!(|data: &[u8]| {
     for command in ["ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION"] {

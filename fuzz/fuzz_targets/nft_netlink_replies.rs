@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use randport_plugin::{netlink, nft_elements};
+use randport_plugin::netfilter::{netlink, nft_elements};
 
 fuzz_target!(|data: &[u8]| {
     for (kind, _flags, body) in netlink::messages_with_flags(data) {

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use randport_plugin::state::encode_record;
+use randport_plugin::node::state::encode_record;
 
 #[derive(Clone, Copy, Debug)]
 enum Sync {

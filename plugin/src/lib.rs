@@ -1,33 +1,29 @@
-//! randport-plugin: the CNI plugin `randport` and the node agent `randportd`.
+//! randport-plugin: the CNI plugin `randport`, the node agent `randportd` and the kubectl
+//! plugin `kubectl-randport`.
 //!
 //! Every kernel or API effect sits here, behind a small trait with a real implementation
-//! and a recording fake; every decision is made by `randport-core`.
+//! and a recording fake (behind the `testing` feature); every decision is made by
+//! `randport-core`. One folder per concern, each importing only the ones below it
+//! (ARCHITECTURE.md at the repository's root maps them):
 //!
-//! - [`agent`]: ADD/DEL/CHECK/GC/STATUS/LIST, start-up recovery, firewall repair.
-//! - [`rpc`]: the plugin-agent wire protocol; [`server`]: the agent's socket and HTTP.
-//! - [`cni`]: the CNI side: environment, config, prevResult, error JSON.
-//! - [`firewall`], [`holder`], [`conntrack`], [`state`], [`pods`]: the effects.
-//! - [`metrics`]: Prometheus text; [`node_ports`]: the node's port sysctls.
+//! - [`cni`]: the plugin side: environment, config, prevResult, error JSON, and the DEL
+//!   that removes a sandbox without the agent ([`cni::offline`]).
+//! - [`agent`]: ADD/DEL/CHECK/GC/STATUS/LIST, start-up recovery and firewall repair; its
+//!   socket and HTTP front doors ([`agent::server`]), the wire protocol ([`agent::rpc`]),
+//!   metrics, and the one removal of a sandbox ([`agent::removal`]).
+//! - [`kube`]: where pods come from and annotations go: the [`kube::pods::PodSource`]
+//!   trait, its file store, the Kubernetes API source and the kubectl plugin's logic.
+//! - [`node`]: the node's own things: port holds, the state store, the node's port
+//!   settings, the CNI install.
+//! - [`firewall`]: the nftables and iptables backends behind one trait.
+//! - [`netfilter`]: netlink to netfilter: message framing, nftables element batches and
+//!   dumps, ctnetlink conntrack flushes.
 
 pub mod agent;
 pub mod cni;
-pub mod conntrack;
 pub mod firewall;
-pub mod holder;
-pub mod install;
-#[cfg(feature = "kube")]
-pub mod kube_pods;
-#[cfg(feature = "kube")]
-pub mod kubectl;
-pub mod metrics;
-pub mod netlink;
-pub mod nft_elements;
-pub mod node_ports;
-pub mod offline;
-pub mod pods;
-pub mod removal;
-pub mod rpc;
-pub mod server;
-pub mod state;
+pub mod kube;
+pub mod netfilter;
+pub mod node;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

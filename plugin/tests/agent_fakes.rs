@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use randport_core::annotation::encode;
 use randport_core::{ContainerPort, PodRef, PortKey, Protocol, ReservedPorts, SandboxId};
+use randport_plugin::agent::rpc::{AddRequest, Request, Response};
 use randport_plugin::agent::{Agent, AgentConfig, Effects, HostPorts};
-use randport_plugin::conntrack::FakeConntrack;
 use randport_plugin::firewall::{FakeFirewall, Firewall};
-use randport_plugin::holder::FakeHolder;
-use randport_plugin::pods::{FakePodSource, PodInfo, PodSource};
-use randport_plugin::rpc::{AddRequest, Request, Response};
-use randport_plugin::state::{MemoryStateStore, StateStore};
+use randport_plugin::kube::pods::{FakePodSource, PodInfo, PodSource};
+use randport_plugin::netfilter::conntrack::FakeConntrack;
+use randport_plugin::node::holder::FakeHolder;
+use randport_plugin::node::state::{MemoryStateStore, StateStore};
 
 struct Node {
     agent: Agent,

@@ -1,8 +1,8 @@
 //! The metrics reference in `docs/metrics.md` says what the agent exposes: its table is
-//! the one `randport_plugin::metrics::METRICS` gives, row for row. A change to the metrics
+//! the one `randport_plugin::agent::metrics::METRICS` gives, row for row. A change to the metrics
 //! without the doc (or the other way round) fails here, printing the table to paste.
 
-use randport_plugin::metrics::METRICS;
+use randport_plugin::agent::metrics::METRICS;
 
 fn expected_table() -> String {
     let mut out = String::from("| metric | type | labels | what |\n| --- | --- | --- | --- |\n");
@@ -218,7 +218,7 @@ fn cni_codes() -> BTreeSet<u32> {
     use randport_core::CniCode;
     // The plugin also builds rscni-types errors itself: each variant it names must be one
     // of ours (a new one needs its code in CniCode, and so a section).
-    let cni = std::fs::read_to_string(repo().join("plugin/src/cni.rs")).unwrap();
+    let cni = std::fs::read_to_string(repo().join("plugin/src/cni/mod.rs")).unwrap();
     for variant in tokens_with_prefix(&cni, "CniError::", |c| c.is_ascii_alphanumeric()) {
         let ours = match variant.trim_start_matches("CniError::") {
             "IncompatibleVersion" => Some(CniCode::IncompatibleVersion),

@@ -5,7 +5,7 @@ use std::net::UdpSocket;
 
 use randport_core::{PortKey, Protocol};
 use randport_itests::{TestNetns, root_and_tools_or_skip, test_netns};
-use randport_plugin::conntrack::{Conntrack, ConntrackTool, NetlinkConntrack};
+use randport_plugin::netfilter::conntrack::{Conntrack, ConntrackTool, NetlinkConntrack};
 
 /// Conntrack entries listed by the tool for UDP flows to `port` (and `dst`).
 fn entries(ns: &randport_itests::Netns, port: u16, dst: Option<&str>) -> usize {

@@ -228,7 +228,7 @@ fn netlink_element_batches_leave_the_table_nft_f_of_the_rendered_text_leaves() {
         return;
     }
     use randport_core::render::nft;
-    use randport_plugin::nft_elements::{self, BatchError, Op};
+    use randport_plugin::netfilter::nft_elements::{self, BatchError, Op};
     let by_netlink = test_netns("nlbatch");
     let by_text = test_netns("nfttext");
     let all = examples::all();
@@ -261,7 +261,7 @@ fn netlink_element_batches_leave_the_table_nft_f_of_the_rendered_text_leaves() {
     // render, field by field: what CHECK compares.
     let sets = nft::SETS.map(|(name, _, _)| name);
     let read = by_text.inside(move || nft_elements::read("randport", &sets).unwrap());
-    let randport_plugin::netlink::Reading::Read(mut read) = read else {
+    let randport_plugin::netfilter::netlink::Reading::Read(mut read) = read else {
         panic!("the reading was interrupted in a namespace nothing else changes");
     };
     let mut rendered: Vec<nft_elements::StoredElement> = all

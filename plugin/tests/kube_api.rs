@@ -20,16 +20,16 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use randport_core::annotation::encode;
 use randport_core::{PodRef, ReservedPorts, SandboxId};
+use randport_plugin::agent::rpc::AddRequest;
 use randport_plugin::agent::{Agent, AgentConfig, Effects};
-use randport_plugin::conntrack::FakeConntrack;
 use randport_plugin::firewall::FakeFirewall;
-use randport_plugin::holder::FakeHolder;
-use randport_plugin::kube_pods::{
+use randport_plugin::kube::api::{
     FAILURE_REASON, HOST_NETWORK_REASON, KubePodSource, KubeSettings, UNMAPPED_REASON,
 };
-use randport_plugin::pods::{PodError, PodSource};
-use randport_plugin::rpc::AddRequest;
-use randport_plugin::state::{MemoryStateStore, StateStore};
+use randport_plugin::kube::pods::{PodError, PodSource};
+use randport_plugin::netfilter::conntrack::FakeConntrack;
+use randport_plugin::node::holder::FakeHolder;
+use randport_plugin::node::state::{MemoryStateStore, StateStore};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 

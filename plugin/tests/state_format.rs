@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use randport_core::{SandboxRecord, examples};
-use randport_plugin::state::{
+use randport_plugin::node::state::{
     DirStateStore, FORMAT_VERSION, StateError, StateStore, decode_record, encode_record,
 };
 
@@ -72,7 +72,7 @@ fn the_current_writer_writes_the_current_fixtures() {
             String::from_utf8_lossy(&encode_record(&r).unwrap()),
             String::from_utf8_lossy(bytes),
             "{name}: the record's format changed; give it format {} and a conversion \
-             (plugin/src/state.rs), then write its fixtures",
+             (plugin/src/node/state.rs), then write its fixtures",
             FORMAT_VERSION + 1
         );
     }

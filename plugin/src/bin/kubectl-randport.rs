@@ -13,7 +13,7 @@ use kube::api::{Api, ListParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use randport_core::DEFAULT_ANNOTATION;
-use randport_plugin::kubectl::{self, AddressType};
+use randport_plugin::kube::kubectl::{self, AddressType};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -5,11 +5,11 @@
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
+use randport_plugin::agent::rpc::call;
+use randport_plugin::cni::offline;
 use randport_plugin::cni::{AGENT_TIMEOUT, CniEnv, run_with};
-use randport_plugin::conntrack::NetlinkConntrack;
 use randport_plugin::firewall;
-use randport_plugin::offline;
-use randport_plugin::rpc::call;
+use randport_plugin::netfilter::conntrack::NetlinkConntrack;
 
 fn main() -> ExitCode {
     let mut stdin = Vec::new();

@@ -7,20 +7,20 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use randport_core::{DEFAULT_ANNOTATION, PortRange, ReservedPorts, SandboxRecord};
+use randport_plugin::agent::rpc::{Request, Response, call};
+use randport_plugin::agent::server;
 use randport_plugin::agent::{Agent, AgentConfig, Effects, HostPorts};
+use randport_plugin::cni::offline;
 use randport_plugin::cni::{DEFAULT_ADD_DEADLINE, DEFAULT_SOCKET, DEFAULT_STATE_DIR};
-use randport_plugin::conntrack::NetlinkConntrack;
 use randport_plugin::firewall::{self, Backend, IptablesFirewall, NftFirewall};
-use randport_plugin::holder::SocketHolder;
-use randport_plugin::install;
 #[cfg(feature = "kube")]
-use randport_plugin::kube_pods::{KubePodSource, KubeSettings};
-use randport_plugin::node_ports::{NodePorts, overlap_warning};
-use randport_plugin::offline;
-use randport_plugin::pods::{DirPodSource, PodSource};
-use randport_plugin::rpc::{Request, Response, call};
-use randport_plugin::server;
-use randport_plugin::state::DirStateStore;
+use randport_plugin::kube::api::{KubePodSource, KubeSettings};
+use randport_plugin::kube::pods::{DirPodSource, PodSource};
+use randport_plugin::netfilter::conntrack::NetlinkConntrack;
+use randport_plugin::node::holder::SocketHolder;
+use randport_plugin::node::install;
+use randport_plugin::node::ports::{NodePorts, overlap_warning};
+use randport_plugin::node::state::DirStateStore;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -244,11 +244,11 @@ fn uninstall_from_node(
             ),
         }
     }
-    let sysctl_dir = std::path::Path::new(randport_plugin::node_ports::DEFAULT_SYSCTL_DIR);
-    match randport_plugin::node_ports::restore_route_localnet(
+    let sysctl_dir = std::path::Path::new(randport_plugin::node::ports::DEFAULT_SYSCTL_DIR);
+    match randport_plugin::node::ports::restore_route_localnet(
         sysctl_dir,
         state_dir,
-        randport_plugin::node_ports::kube_proxy_uses_route_localnet,
+        randport_plugin::node::ports::kube_proxy_uses_route_localnet,
     ) {
         Ok(Some(said)) => println!("{said}"),
         Ok(None) => {}
@@ -390,25 +390,25 @@ fn run_agent(cli: Cli) -> Result<()> {
     }
     let state = DirStateStore::open(&cli.state_dir)?;
     // Before the records are read, and for the agent's whole life: a plugin that removes a
-    // sandbox while no agent answers takes this lock (see randport_plugin::offline).
+    // sandbox while no agent answers takes this lock (see randport_plugin::cni::offline).
     let _state_lock = offline::StateLock::acquire(&cli.state_dir).with_context(|| {
         format!(
             "locking {}",
             cli.state_dir.join(offline::LOCK_FILE).display()
         )
     })?;
-    let sysctl_dir = std::path::Path::new(randport_plugin::node_ports::DEFAULT_SYSCTL_DIR);
+    let sysctl_dir = std::path::Path::new(randport_plugin::node::ports::DEFAULT_SYSCTL_DIR);
     if cli.localhost_access {
-        if randport_plugin::node_ports::enable_route_localnet(sysctl_dir, &cli.state_dir)
+        if randport_plugin::node::ports::enable_route_localnet(sysctl_dir, &cli.state_dir)
             .context("setting net.ipv4.conf.all.route_localnet=1 for --localhost-access")?
         {
             tracing::info!("set net.ipv4.conf.all.route_localnet=1 for --localhost-access");
         }
     } else {
-        match randport_plugin::node_ports::restore_route_localnet(
+        match randport_plugin::node::ports::restore_route_localnet(
             sysctl_dir,
             &cli.state_dir,
-            randport_plugin::node_ports::kube_proxy_uses_route_localnet,
+            randport_plugin::node::ports::kube_proxy_uses_route_localnet,
         ) {
             Ok(Some(said)) => tracing::info!("{said}"),
             Ok(None) => {}

@@ -11,8 +11,8 @@ use randport_core::{SandboxId, SandboxRecord};
 use super::nft::NftKernel;
 use super::tool::{Tool, ToolError};
 use super::{Firewall, FirewallError};
-use crate::netlink::{Reading, ShapeRead, TableShape};
-use crate::nft_elements::{self, BatchError, ElementsRead, Op, StoredElement};
+use crate::netfilter::netlink::{Reading, ShapeRead, TableShape};
+use crate::netfilter::nft_elements::{self, BatchError, ElementsRead, Op, StoredElement};
 
 /// Queued answers of a program, by `program first-arg`.
 type Answers = Vec<(String, VecDeque<Result<String, ToolError>>)>;

@@ -232,7 +232,7 @@ impl Firewall for IptablesFirewall {
             })
         });
         if *nf_tables {
-            crate::netlink::ruleset_generation().ok()
+            crate::netfilter::netlink::ruleset_generation().ok()
         } else {
             None
         }

@@ -8,8 +8,8 @@ use randport_core::render::nft;
 
 use super::tool::{SYSTEM, Tool};
 use super::{Firewall, FirewallError};
-use crate::netlink::{Reading, ShapeRead, TableShape};
-use crate::nft_elements::{self, BatchError, ElementsRead, Op, StoredElement};
+use crate::netfilter::netlink::{Reading, ShapeRead, TableShape};
+use crate::netfilter::nft_elements::{self, BatchError, ElementsRead, Op, StoredElement};
 
 /// What the nftables backend asks of the kernel directly, over netlink.
 pub trait NftKernel: Send + Sync + std::fmt::Debug {
@@ -41,7 +41,7 @@ impl NftKernel for NetlinkKernel {
     }
 
     fn shape(&self, table: &str) -> std::io::Result<ShapeRead> {
-        crate::netlink::nft_table_shape(table)
+        crate::netfilter::netlink::nft_table_shape(table)
     }
 
     fn elements(&self, table: &str) -> std::io::Result<ElementsRead> {
@@ -49,7 +49,7 @@ impl NftKernel for NetlinkKernel {
     }
 
     fn generation(&self) -> Option<u32> {
-        crate::netlink::ruleset_generation().ok()
+        crate::netfilter::netlink::ruleset_generation().ok()
     }
 }
 

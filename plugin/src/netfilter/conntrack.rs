@@ -190,7 +190,7 @@ pub struct NetlinkConntrack;
 mod nl {
     //! ctnetlink: just enough to dump the table and delete entries.
 
-    pub(crate) use crate::netlink::{
+    pub(crate) use crate::netfilter::netlink::{
         NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, attrs, find, message,
         messages,
     };
@@ -253,7 +253,7 @@ impl NetlinkConntrack {
                 match kind {
                     nl::NLMSG_DONE => return Ok(found),
                     nl::NLMSG_ERROR => {
-                        let errno = crate::netlink::error_code(body);
+                        let errno = crate::netfilter::netlink::error_code(body);
                         if errno != 0 {
                             return Err(std::io::Error::from_raw_os_error(-errno));
                         }
@@ -330,7 +330,7 @@ impl Conntrack for NetlinkConntrack {
             port,
             reason: format!("ctnetlink: {e}"),
         };
-        let sock = crate::netlink::socket().map_err(|e| fail(&e))?;
+        let sock = crate::netfilter::netlink::socket().map_err(|e| fail(&e))?;
         let entries = Self::matching(&sock, key, port, pods).map_err(|e| fail(&e))?;
         let to = NetlinkAddr::new(0, 0);
         let mut buf = vec![0u8; 8192];
@@ -346,7 +346,7 @@ impl Conntrack for NetlinkConntrack {
             let n = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(|e| fail(&e))?;
             for (kind, body) in nl::messages(&buf[..n]) {
                 if kind == nl::NLMSG_ERROR {
-                    let errno = crate::netlink::error_code(body);
+                    let errno = crate::netfilter::netlink::error_code(body);
                     // Gone already (it timed out meanwhile) is what we wanted.
                     if errno != 0 && -errno != nix::libc::ENOENT {
                         return Err(fail(&std::io::Error::from_raw_os_error(-errno)));

@@ -9,7 +9,7 @@
 use randport_core::SandboxRecord;
 
 use crate::firewall::Firewall;
-use crate::state::StateStore;
+use crate::node::state::StateStore;
 
 /// Removes `record`'s rules, conntrack entries (`flush`, which returns what failed) and
 /// record. `remaining` gives every other sandbox, for a rebuild when the removal cannot

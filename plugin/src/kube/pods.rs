@@ -1,7 +1,7 @@
 //! Where the agent learns a pod's ports and annotation, and where it writes the chosen
 //! ports back. `--pods dir:PATH` reads Pod objects as JSON files (`kubectl get pod -o
 //! json` shape) at `PATH/<namespace>/<name>.json`; `--pods kube` is the Kubernetes API
-//! ([`crate::kube_pods`]).
+//! ([`crate::kube::api`]).
 
 use std::fs;
 use std::net::IpAddr;
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use randport_core::{ContainerPort, PodRef, Protocol};
 use serde_json::Value;
 
-use crate::state::write_atomic;
+use crate::node::state::write_atomic;
 
 /// What the agent needs of a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]

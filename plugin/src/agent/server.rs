@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use randport_core::CniCode;
 
+use crate::agent::rpc::{ErrorReply, MAX_REQUEST, Request, Response, RpcError, read_limited};
 use crate::agent::{Agent, HealthLimits};
-use crate::rpc::{ErrorReply, MAX_REQUEST, Request, Response, RpcError, read_limited};
 
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,7 +148,7 @@ impl HealthCheck {
     pub fn run(&self, agent: &Agent) -> Result<(), String> {
         agent.health(&self.limits)?;
         if let Some(socket) = &self.socket {
-            match crate::rpc::call(socket, &Request::Status, self.limits.lock) {
+            match crate::agent::rpc::call(socket, &Request::Status, self.limits.lock) {
                 Ok(Response::Ok { .. }) => {}
                 Ok(Response::Error(e)) => {
                     return Err(format!("STATUS on {}: {e}", socket.display()));
@@ -272,7 +272,7 @@ fn serve_http_connection(agent: &Agent, health: &HealthCheck, mut stream: std::n
     };
     let path = line.split_whitespace().nth(1).unwrap_or("/");
     let content_type = if path == "/metrics" {
-        crate::metrics::CONTENT_TYPE
+        crate::agent::metrics::CONTENT_TYPE
     } else {
         "text/plain; charset=utf-8"
     };
@@ -356,11 +356,11 @@ pub fn watchdog(agent: Arc<Agent>, interval: Duration) {
 mod tests {
     use super::*;
     use crate::agent::{AgentConfig, Effects};
-    use crate::conntrack::FakeConntrack;
     use crate::firewall::FakeFirewall;
-    use crate::holder::FakeHolder;
-    use crate::pods::FakePodSource;
-    use crate::state::MemoryStateStore;
+    use crate::kube::pods::FakePodSource;
+    use crate::netfilter::conntrack::FakeConntrack;
+    use crate::node::holder::FakeHolder;
+    use crate::node::state::MemoryStateStore;
 
     fn agent() -> Agent {
         agent_with(Arc::new(FakeFirewall::default()))
@@ -380,7 +380,7 @@ mod tests {
             reserved: randport_core::ReservedPorts::none(),
             annotation_key: "k".into(),
             pod_wait: Duration::ZERO,
-            add_deadline: crate::cni::DEFAULT_ADD_DEADLINE,
+            add_deadline: crate::agent::rpc::DEFAULT_ADD_DEADLINE,
             host_ports: crate::agent::HostPorts::Auto,
             cni_conf_dir: None,
         };

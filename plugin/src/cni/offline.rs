@@ -19,10 +19,10 @@ use nix::fcntl::{Flock, FlockArg};
 use randport_core::{PortKey, SandboxId};
 use serde::{Deserialize, Serialize};
 
-use crate::conntrack::{Conntrack, needs_flush};
 use crate::firewall::iptables::tools;
 use crate::firewall::{Backend, Firewall, IptablesFirewall, IptablesFlavour, Runner};
-use crate::state::{DirStateStore, StateStore, write_atomic};
+use crate::netfilter::conntrack::{Conntrack, needs_flush};
+use crate::node::state::{DirStateStore, StateStore, write_atomic};
 use randport_core::IpFamily;
 
 /// The lock file in the state directory.
@@ -207,7 +207,7 @@ pub fn remove_sandbox(
             .cloned()
             .collect()
     };
-    let errors = crate::removal::remove_sandbox(
+    let errors = crate::agent::removal::remove_sandbox(
         &*firewall(read_info(state_dir))?,
         &store,
         record,
@@ -235,8 +235,8 @@ pub fn remove_sandbox(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conntrack::FakeConntrack;
     use crate::firewall::FakeFirewall;
+    use crate::netfilter::conntrack::FakeConntrack;
     use randport_core::{Mapping, PodRef, Protocol, SandboxRecord};
     use std::sync::Arc;
 

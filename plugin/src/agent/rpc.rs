@@ -10,6 +10,14 @@ pub use randport_core::wire::{
     AddRequest, ErrorReply, MAX_REQUEST, MAX_RESPONSE, Request, Response,
 };
 
+/// How long the plugin waits for the agent's answer to one request. The agent's own ADD
+/// deadline (`--add-deadline-ms`, default [`DEFAULT_ADD_DEADLINE`]) is shorter, so that
+/// the agent gives up and undoes an ADD before the plugin does; both are shorter than the
+/// runtimes' CNI timeouts (docs/configuration.md).
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The agent's default deadline for one ADD.
+pub const DEFAULT_ADD_DEADLINE: Duration = Duration::from_secs(25);
+
 /// A request or response that could not be exchanged.
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {

@@ -6,6 +6,11 @@
 //! retries), plan and hold every host port, persist the record, apply the firewall
 //! change, flush UDP/SCTP conntrack, write the annotation.
 
+pub mod metrics;
+pub mod removal;
+pub mod rpc;
+pub mod server;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -17,13 +22,13 @@ use randport_core::{
     SandboxId, SandboxRecord, SandboxRequest, plan,
 };
 
-use crate::conntrack::{Conntrack, ConntrackQueue, needs_flush};
+use crate::agent::metrics::{Gauges, Metrics};
+use crate::agent::rpc::{AddRequest, ErrorReply, Request, Response};
 use crate::firewall::{Firewall, FirewallError};
-use crate::holder::{HeldPort, HoldError, PortHolder};
-use crate::metrics::{Gauges, Metrics};
-use crate::pods::{PodError, PodSource};
-use crate::rpc::{AddRequest, ErrorReply, Request, Response};
-use crate::state::{StateError, StateStore, validate_id};
+use crate::kube::pods::{PodError, PodSource};
+use crate::netfilter::conntrack::{Conntrack, ConntrackQueue, needs_flush};
+use crate::node::holder::{HeldPort, HoldError, PortHolder};
+use crate::node::state::{StateError, StateStore, validate_id};
 
 /// The agent's settings.
 #[derive(Debug, Clone)]
@@ -40,7 +45,7 @@ pub struct AgentConfig {
     pub pod_wait: Duration,
     /// How long one ADD may take in all, from its arrival to its answer: past it, the ADD
     /// stops at its next step and undoes what it did. Shorter than the plugin's timeout
-    /// ([`crate::cni::AGENT_TIMEOUT`]), so that the agent gives up before the runtime does.
+    /// ([`rpc::AGENT_TIMEOUT`]), so that the agent gives up before the runtime does.
     pub add_deadline: Duration,
     /// Who maps explicit hostPorts.
     pub host_ports: HostPorts,
@@ -638,7 +643,7 @@ impl Agent {
         // when there is none, nothing is released: a pod we cannot see is not a gone pod.
         match self.pods.list() {
             Ok(pods) => {
-                let pods: HashMap<(String, String), crate::pods::PodInfo> = pods
+                let pods: HashMap<(String, String), crate::kube::pods::PodInfo> = pods
                     .into_iter()
                     .map(|p| ((p.pod.namespace.clone(), p.pod.name.clone()), p))
                     .collect();
@@ -690,7 +695,7 @@ impl Agent {
         req: &AddRequest,
         ticket: &AddTicket,
         deadline: Instant,
-    ) -> Result<crate::pods::PodInfo, AgentError> {
+    ) -> Result<crate::kube::pods::PodInfo, AgentError> {
         // The pod may be moments old: the API source's watch may not have it yet and a GET
         // may race its creation. Short retries, growing from 20 ms to 320 ms, each after a
         // look at whether the runtime gave up (a DEL came) or the deadline passed.
@@ -767,7 +772,7 @@ impl Agent {
     /// counts at once).
     fn leave_explicit_ports(&self) -> bool {
         let earlier = match (self.config.host_ports, &self.config.cni_conf_dir) {
-            (HostPorts::Auto, Some(dir)) => crate::install::earlier_port_mapper_in(dir),
+            (HostPorts::Auto, Some(dir)) => crate::node::install::earlier_port_mapper_in(dir),
             _ => None,
         };
         self.config.host_ports.leave_explicit(earlier.as_deref())
@@ -1098,7 +1103,7 @@ impl Agent {
             inner.in_removal.insert(sandbox.clone());
             record
         };
-        let mut errors = crate::removal::remove_sandbox(
+        let mut errors = crate::agent::removal::remove_sandbox(
             &*self.firewall,
             &*self.state,
             &record,

@@ -4,6 +4,8 @@
 //! Config, as an entry of a conflist after the main plugin:
 //! `{"type": "randport", "socket": "/run/randport/randportd.sock"}` (socket optional).
 
+pub mod offline;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -14,22 +16,13 @@ use rscni_types::types::{Cmd, ErrorResult, NetConf};
 use rscni_types::version::{PluginInfo, SpecVersion};
 use serde_json::Value;
 
-use crate::rpc::{AddRequest, Request, Response, RpcError};
+use crate::agent::rpc::{AddRequest, Request, Response, RpcError};
 
-/// The agent's default socket.
-pub const DEFAULT_SOCKET: &str = "/run/randport/randportd.sock";
-/// The agent's default state directory (its records).
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/randport";
-/// How long the plugin waits for the agent's answer to one request. The agent's own ADD
-/// deadline (`--add-deadline-ms`, default [`DEFAULT_ADD_DEADLINE`]) is shorter, so that
-/// the agent gives up and undoes an ADD before the plugin does; both are shorter than the
-/// runtimes' CNI timeouts (docs/configuration.md).
-pub const AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-/// The agent's default deadline for one ADD.
-pub const DEFAULT_ADD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(25);
+pub use crate::agent::rpc::{AGENT_TIMEOUT, DEFAULT_ADD_DEADLINE};
+pub use crate::node::{DEFAULT_SOCKET, DEFAULT_STATE_DIR};
 
 /// What a DEL does when the agent cannot be reached: removes the sandbox's mappings
-/// itself, given the agent's state directory (see [`crate::offline`]); the error says why
+/// itself, given the agent's state directory (see [`crate::cni::offline`]); the error says why
 /// it could not.
 pub type DelWithoutAgent<'a> = &'a mut dyn FnMut(&Path, &SandboxId) -> Result<(), String>;
 
@@ -319,7 +312,7 @@ fn invoke(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rpc::ErrorReply;
+    use crate::agent::rpc::ErrorReply;
     use serde_json::json;
 
     fn env(command: &str) -> CniEnv {

@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
 
-use crate::pods::{PodError, PodInfo, PodSource, parse_pod};
+use crate::kube::pods::{PodError, PodInfo, PodSource, parse_pod};
 
 /// The reason of the Events the agent records on pods.
 pub const FAILURE_REASON: &str = "PortMappingFailed";

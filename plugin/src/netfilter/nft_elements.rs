@@ -15,8 +15,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use randport_core::render::nft::{Field, SetElement};
 
 #[cfg(test)]
-use crate::netlink::messages;
-use crate::netlink::{
+use crate::netfilter::netlink::messages;
+use crate::netfilter::netlink::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_ERROR, Reading, attr, attrs, error_code, find,
     message_for as message, socket, str_attr,
 };
@@ -332,7 +332,7 @@ pub fn read(table: &str, sets: &[&str]) -> std::io::Result<ElementsRead> {
             0,
             &attrs,
         );
-        match crate::netlink::dump(&sock, &request) {
+        match crate::netfilter::netlink::dump(&sock, &request) {
             Ok(Some(answers)) => out.extend(
                 answers
                     .iter()
@@ -350,7 +350,7 @@ pub fn read(table: &str, sets: &[&str]) -> std::io::Result<ElementsRead> {
 
 /// (sequence number, type, body) of each message in a buffer.
 pub fn answers(buf: &[u8]) -> Vec<(u32, u16, &[u8])> {
-    crate::netlink::parse(buf)
+    crate::netfilter::netlink::parse(buf)
         .into_iter()
         .map(|m| (m.seq, m.kind, m.body))
         .collect()
@@ -413,7 +413,8 @@ mod tests {
         let bodies: Vec<&[u8]> = messages(&bytes).into_iter().map(|(_, b)| b).collect();
         let list = |body: &[u8]| -> Vec<u16> {
             let top = attrs(&body[4..]);
-            let elements = crate::netlink::find(&top, NFTA_SET_ELEM_LIST_ELEMENTS).unwrap();
+            let elements =
+                crate::netfilter::netlink::find(&top, NFTA_SET_ELEM_LIST_ELEMENTS).unwrap();
             let elem = attrs(elements)[0].2;
             attrs(elem).into_iter().map(|a| a.0).collect()
         };

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::cni::{DEFAULT_SOCKET, DEFAULT_STATE_DIR};
-use crate::state::write_atomic;
+use crate::node::state::write_atomic;
+use crate::node::{DEFAULT_SOCKET, DEFAULT_STATE_DIR};
 
 /// Our plugin's `type` in a conflist.
 pub const PLUGIN_TYPE: &str = "randport";
@@ -419,7 +419,7 @@ mod tests {
     use super::*;
 
     /// kindnet's conflist as kind writes it (whitespace and all).
-    const KINDNET: &str = include_str!("../tests/data/10-kindnet.conflist");
+    const KINDNET: &str = include_str!("../../tests/data/10-kindnet.conflist");
 
     fn dir_with(files: &[(&str, &str)]) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
