@@ -24,6 +24,7 @@ fn mapping(container: &str, host_port: u16, container_port: u16, protocol: Proto
 
 fn record(name: &str, sandbox: &str, ips: &[&str], mappings: Vec<Mapping>) -> SandboxRecord {
     SandboxRecord {
+        network: None,
         sandbox: SandboxId(sandbox.into()),
         pod: PodRef {
             namespace: "default".into(),
@@ -97,6 +98,7 @@ pub fn many(n: u16) -> Vec<SandboxRecord> {
                     .to_be_bytes(),
             );
             SandboxRecord {
+                network: None,
                 sandbox: SandboxId(format!("sandbox-{i:05}")),
                 pod: PodRef::new("load", format!("pod-{i}")),
                 pod_ips: vec![pod_ip],

@@ -259,6 +259,10 @@ pub struct SandboxRecord {
     pub pod_ips: Vec<IpAddr>,
     /// The mappings, in container-then-port order.
     pub mappings: Vec<Mapping>,
+    /// The network (the conflist's `name`) whose ADD made it; a GC of another network
+    /// leaves it alone. `None` in records of agents before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 impl SandboxRecord {

@@ -36,6 +36,10 @@ pub enum Request {
         /// `cni.dev/valid-attachments` (then nothing is released).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         valid: Option<Vec<SandboxId>>,
+        /// The network (the conflist's `name`) the GC is for: only its sandboxes are
+        /// concerned (Multus and others run one GC per network).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        network: Option<String>,
     },
     /// Is the agent ready?
     Status,
@@ -53,6 +57,9 @@ pub struct AddRequest {
     pub pod: PodRef,
     /// The pod's addresses from prevResult, primary first.
     pub pod_ips: Vec<IpAddr>,
+    /// The network (the conflist's `name`), kept in the record for a GC of that network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 /// The agent's answer.
@@ -93,10 +100,12 @@ mod tests {
             sandbox: SandboxId("abc".into()),
             pod: PodRef::new("default", "web-0"),
             pod_ips: vec!["198.18.0.5".parse().unwrap()],
+            network: None,
         });
         insta::assert_snapshot!(serde_json::to_string(&add).unwrap(), @r#"{"verb":"ADD","sandbox":"abc","pod":{"namespace":"default","name":"web-0","uid":""},"podIps":["198.18.0.5"]}"#);
         let gc = Request::Gc {
             valid: Some(vec![SandboxId("a".into())]),
+            network: None,
         };
         assert_eq!(
             serde_json::to_string(&gc).unwrap(),

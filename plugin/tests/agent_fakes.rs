@@ -96,6 +96,7 @@ fn web_ports() -> Vec<ContainerPort> {
 
 fn add_req(name: &str, sandbox: &str, ip: &str) -> AddRequest {
     AddRequest {
+        network: None,
         sandbox: SandboxId(sandbox.into()),
         pod: PodRef::new("shop", name),
         pod_ips: vec![ip.parse().unwrap()],
@@ -575,7 +576,12 @@ fn gc_releases_every_sandbox_not_listed() {
             ))
             .unwrap();
     }
-    assert_eq!(node.agent.gc(Some(&[SandboxId("sb1".into())])).unwrap(), 2);
+    assert_eq!(
+        node.agent
+            .gc(Some(&[SandboxId("sb1".into())]), None)
+            .unwrap(),
+        2
+    );
     let left: Vec<String> = node
         .agent
         .list()
@@ -985,7 +991,7 @@ fn a_del_that_comes_first_makes_a_late_add_fail() {
 fn a_gc_that_does_not_list_a_running_add_cancels_it() {
     let node = started("20000-20099");
     let answered = add_stopped_at(&node, &node.pods.get_gate, || {
-        assert_eq!(node.agent.gc(Some(&[])).unwrap(), 0);
+        assert_eq!(node.agent.gc(Some(&[]), None).unwrap(), 0);
     });
     assert_deleted_during_add(answered);
     assert_nothing_left(&node);
@@ -1189,7 +1195,13 @@ fn a_gc_without_valid_attachments_releases_nothing() {
             ))
             .unwrap();
     }
-    assert_eq!(node.agent.handle(Request::Gc { valid: None }), ok_empty());
+    assert_eq!(
+        node.agent.handle(Request::Gc {
+            valid: None,
+            network: None
+        }),
+        ok_empty()
+    );
     assert_eq!(node.agent.list().len(), 2);
     assert_eq!(node.firewall.present.lock().unwrap().len(), 2);
 }
@@ -1200,6 +1212,7 @@ fn record_for(name: &str, sandbox: &str, ip: &str, port: u16) -> randport_core::
     let mut pod = PodRef::new("shop", name);
     pod.uid = format!("uid-{name}");
     randport_core::SandboxRecord {
+        network: None,
         sandbox: SandboxId(sandbox.into()),
         pod,
         pod_ips: vec![ip.parse().unwrap()],
@@ -1352,4 +1365,53 @@ fn a_second_address_of_one_family_is_ignored_and_the_pod_starts() {
     let record = node.agent.add(&req).unwrap().unwrap();
     let ips: Vec<String> = record.pod_ips.iter().map(ToString::to_string).collect();
     assert_eq!(ips, vec!["198.18.0.5", "2001:db8:1::5"]);
+}
+
+#[test]
+fn a_gc_of_one_network_leaves_the_sandboxes_of_another() {
+    // Multus: randport chained in two networks; each network's GC lists only its own
+    // attachments.
+    let node = started("20000-20099");
+    for (i, network) in ["kindnet", "storage"].iter().enumerate() {
+        node.pods
+            .put(pod(&format!("web-{i}"), Some(""), web_ports()));
+        let mut req = add_req(
+            &format!("web-{i}"),
+            &format!("sb{i}"),
+            &format!("198.18.0.{}", 5 + i),
+        );
+        req.network = Some((*network).into());
+        node.agent.add(&req).unwrap();
+    }
+    assert_eq!(
+        node.agent.handle(Request::Gc {
+            valid: Some(vec![SandboxId("sb0".into())]),
+            network: Some("kindnet".into())
+        }),
+        ok_empty()
+    );
+    let left: Vec<String> = node
+        .agent
+        .list()
+        .iter()
+        .map(|r| r.sandbox.0.clone())
+        .collect();
+    assert_eq!(
+        left,
+        vec!["sb0", "sb1"],
+        "storage's sandbox is not kindnet's to collect"
+    );
+    assert_eq!(
+        node.agent.list()[1].network.as_deref(),
+        Some("storage"),
+        "recorded"
+    );
+    assert_eq!(node.agent.gc(Some(&[]), Some("storage")).unwrap(), 1);
+    let left: Vec<String> = node
+        .agent
+        .list()
+        .iter()
+        .map(|r| r.sandbox.0.clone())
+        .collect();
+    assert_eq!(left, vec!["sb0"]);
 }

@@ -600,6 +600,7 @@ fn add_request(name: &str, sandbox: &str) -> AddRequest {
         pod: pod_ref(name),
         sandbox: SandboxId(sandbox.into()),
         pod_ips: vec!["198.18.0.10".parse().unwrap()],
+        network: None,
     }
 }
 

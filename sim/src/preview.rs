@@ -63,6 +63,7 @@ pub fn cluster(
                     };
                     let mappings = plan(&request, &mut alloc, &mut rng, |_, _| true)?;
                     Ok(SandboxRecord {
+                        network: None,
                         sandbox: request.sandbox,
                         pod: request.pod,
                         pod_ips: request.pod_ips,

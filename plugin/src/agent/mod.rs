@@ -895,6 +895,7 @@ impl Agent {
                 (Err(plan), None) => return Err(plan.into()),
             };
             let record = SandboxRecord {
+                network: req.network.clone(),
                 sandbox: request.sandbox.clone(),
                 pod: request.pod.clone(),
                 pod_ips: request.pod_ips.clone(),
@@ -1193,23 +1194,43 @@ impl Agent {
         Ok(())
     }
 
-    /// GC: releases every sandbox not in `valid` (and cancels their ADDs); returns how
-    /// many. Without a list (`cni.dev/valid-attachments` missing), nothing is released:
-    /// libcni DELs every attachment it knows itself before such a GC.
-    pub fn gc(&self, valid: Option<&[SandboxId]>) -> Result<usize, AgentError> {
+    /// GC: releases every sandbox of `network` not in `valid` (and cancels their ADDs);
+    /// returns how many. Without a list (`cni.dev/valid-attachments` missing), nothing is
+    /// released: libcni DELs every attachment it knows itself before such a GC. With a
+    /// network name, only sandboxes added for that network are concerned (Multus and
+    /// others run one GC per network); records that carry no network (made by an agent
+    /// before it was kept) are left to DEL and to the reconciliation at start.
+    pub fn gc(
+        &self,
+        valid: Option<&[SandboxId]>,
+        network: Option<&str>,
+    ) -> Result<usize, AgentError> {
         let Some(valid) = valid else {
             tracing::warn!(
+                network = network.unwrap_or(""),
                 "GC without cni.dev/valid-attachments: nothing released (the runtime DELs \
                  each attachment it knows itself)"
             );
             return Ok(0);
         };
+        let ours = |record_network: Option<&str>| match network {
+            None => true,
+            Some(network) => record_network == Some(network),
+        };
         let stale: Vec<SandboxId> = {
             let mut inner = self.lock();
+            // An ADD in progress has no record's network to go by until it is recorded:
+            // only a GC of its own network cancels it.
             let running: Vec<SandboxId> = inner
                 .adding
                 .keys()
                 .filter(|s| !valid.contains(s))
+                .filter(|s| {
+                    inner
+                        .records
+                        .get(*s)
+                        .is_none_or(|r| ours(r.network.as_deref()))
+                })
                 .cloned()
                 .collect();
             for sandbox in &running {
@@ -1217,9 +1238,9 @@ impl Agent {
             }
             inner
                 .records
-                .keys()
-                .filter(|s| !valid.contains(s))
-                .cloned()
+                .values()
+                .filter(|r| !valid.contains(&r.sandbox) && ours(r.network.as_deref()))
+                .map(|r| r.sandbox.clone())
                 .collect()
         };
         let mut errors = Vec::new();
@@ -1421,7 +1442,9 @@ impl Agent {
                 r
             }
             Request::Check { sandbox } => self.check(&sandbox).map(|()| ok(vec![])),
-            Request::Gc { valid } => self.gc(valid.as_deref()).map(|_| ok(vec![])),
+            Request::Gc { valid, network } => self
+                .gc(valid.as_deref(), network.as_deref())
+                .map(|_| ok(vec![])),
             Request::Status => Ok(ok(vec![])),
             Request::List => Ok(ok(self.list())),
         };

@@ -260,6 +260,7 @@ fn invoke(
                 sandbox: need_container_id(env)?,
                 pod: pod_from_args(env)?,
                 pod_ips: prev_result_ips(prev)?,
+                network: Some(conf.name.clone()).filter(|n| !n.is_empty()),
             })
         }
         Cmd::Del => Request::Del {
@@ -275,6 +276,7 @@ fn invoke(
                     .map(|a| SandboxId(a.container_id.clone()))
                     .collect()
             }),
+            network: Some(conf.name.clone()).filter(|n| !n.is_empty()),
         },
         Cmd::Status => Request::Status,
         Cmd::Version => return Ok(None),
@@ -499,7 +501,8 @@ mod tests {
         assert_eq!(
             seen.unwrap().1,
             Request::Gc {
-                valid: Some(vec![SandboxId("a".into()), SandboxId("b".into())])
+                valid: Some(vec![SandboxId("a".into()), SandboxId("b".into())]),
+                network: Some("kindnet".into()),
             }
         );
     }
@@ -510,7 +513,13 @@ mod tests {
         // no key: that must not read as "nothing is valid".
         let (out, seen) = run_with(&env("GC"), &conf("1.1.0"), ok());
         assert!(out.success && out.stdout.is_empty());
-        assert_eq!(seen.unwrap().1, Request::Gc { valid: None });
+        assert_eq!(
+            seen.unwrap().1,
+            Request::Gc {
+                valid: None,
+                network: Some("kindnet".into())
+            }
+        );
     }
 
     #[test]

@@ -242,6 +242,7 @@ mod tests {
 
     fn record(sandbox: &str, port: u16) -> SandboxRecord {
         SandboxRecord {
+            network: None,
             sandbox: SandboxId(sandbox.into()),
             pod: PodRef::new("shop", sandbox),
             pod_ips: vec!["198.18.0.5".parse().unwrap()],
