@@ -1415,3 +1415,27 @@ fn a_gc_of_one_network_leaves_the_sandboxes_of_another() {
         .collect();
     assert_eq!(left, vec!["sb0"]);
 }
+
+#[test]
+fn del_answers_only_after_the_udp_flows_of_its_ports_are_flushed() {
+    let node = started("20000-20099");
+    node.pods.put(pod("web-0", Some(""), web_ports()));
+    let record = node
+        .agent
+        .add(&add_req("web-0", "sb1", "198.18.0.5"))
+        .unwrap()
+        .unwrap();
+    assert!(node.agent.conntrack_idle(WAIT), "the ADD's flush is done");
+    let udp = record.mappings.iter().find(|m| m.protocol == Protocol::Udp).unwrap().host_port;
+    node.conntrack.gate.close();
+    std::thread::scope(|s| {
+        let del = s.spawn(|| del_sb1(&node));
+        assert!(node.conntrack.gate.wait_for_waiting(1, WAIT), "no flush");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!del.is_finished(), "DEL answered before its flush");
+        node.conntrack.gate.open();
+        assert_eq!(del.join().unwrap(), ok_empty());
+    });
+    let flushed = node.conntrack.flushed.lock().unwrap().clone();
+    assert_eq!(flushed.last().map(|f| f.1), Some(udp));
+}

@@ -448,7 +448,8 @@ fn traffic_reaches_the_right_pod_and_stops_after_del(backend: &'static str) {
         .collect();
     let mapped = lines
         .iter()
-        .find(|l| l["message"] == "mapped" && l["port"] == b_tcp)
+        // Port numbers are per protocol: pod-a's UDP port may carry b_tcp's number.
+        .find(|l| l["message"] == "mapped" && l["port"] == b_tcp && l["protocol"] == "TCP")
         .unwrap_or_else(|| panic!("no line for port {b_tcp}:\n{log}"));
     assert_eq!(mapped["pod"], "shop/pod-b");
     assert_eq!(mapped["sandbox"], "sb-pod-b");

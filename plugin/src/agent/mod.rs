@@ -1074,6 +1074,25 @@ impl Agent {
         }
     }
 
+    /// Flushes a removed sandbox's UDP/SCTP flows now; what fails is queued for the worker.
+    fn flush_removed(&self, record: &SandboxRecord) {
+        for m in record.owned().filter(|m| needs_flush(m.protocol)) {
+            let key = PortKey::on(m.protocol, m.host_ip);
+            // Only the families the mapping sent traffic to: each is a walk of the table.
+            let mut families: Vec<randport_core::IpFamily> = m
+                .targets(&record.pod_ips)
+                .map(randport_core::IpFamily::of)
+                .collect();
+            families.dedup();
+            if let Err(e) = self.conntrack.flush_now(key, m.host_port, &families) {
+                let context = format!("pod {} sandbox {}", record.pod, record.sandbox);
+                tracing::warn!(context = %context, error = %e, "conntrack flush failed; queued again");
+                self.conntrack
+                    .enqueue(key, m.host_port, Vec::new(), context);
+            }
+        }
+    }
+
     /// Waits until the queued conntrack flushes are done (at most `timeout`).
     pub fn conntrack_idle(&self, timeout: Duration) -> bool {
         self.conntrack.wait_idle(timeout)
@@ -1109,9 +1128,11 @@ impl Agent {
             &*self.state,
             &record,
             &|| self.lock().others(sandbox),
-            // Queued: the worker flushes after the rules are gone (its failures are logged).
+            // Before DEL answers: a stale UDP/SCTP flow must not follow the pod's address to
+            // the next pod given it. A failure is not the DEL's: the flush is queued again
+            // for the worker (and logged), and the DEL goes on.
             &mut |record| {
-                self.flush_conntrack(record, false);
+                self.flush_removed(record);
                 Vec::new()
             },
         );

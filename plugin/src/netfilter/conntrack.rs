@@ -40,6 +40,19 @@ pub trait Conntrack: Send + Sync {
         port: u16,
         pods: &[std::net::SocketAddr],
     ) -> Result<(), ConntrackError>;
+
+    /// [`Conntrack::flush`] of only the address families in `families` (those the pod
+    /// has: each family is one walk of the kernel's table). Implementations that cannot
+    /// tell flush them all.
+    fn flush_in(
+        &self,
+        key: PortKey,
+        port: u16,
+        families: &[IpFamily],
+    ) -> Result<(), ConntrackError> {
+        let _ = families;
+        self.flush(key, port)
+    }
 }
 
 /// Whether entries of `protocol` need flushing (TCP flows end on their own).
@@ -107,13 +120,14 @@ impl Conntrack for ConntrackTool {
 /// context.
 type Flush = (PortKey, u16, Vec<std::net::SocketAddr>, String);
 
-/// Runs flushes on a worker thread, in order, so that ADD and DEL answer without waiting
-/// for them: a flush walks the node's whole conntrack table (about 9 ms here, whichever
-/// tool does it). Each flush is queued after its rule change, so it still runs after
-/// the rules are in.
+/// Runs the flushes after an ADD on a worker thread, in order, so that ADD answers without
+/// waiting for them (flows that predate the mapping). Each is queued after its rule change,
+/// so it still runs after the rules are in. A DEL flushes at once ([`ConntrackQueue::flush_now`]),
+/// and queues a flush here only when that failed.
 pub struct ConntrackQueue {
     tx: std::sync::Mutex<std::sync::mpsc::Sender<Flush>>,
     pending: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    conntrack: std::sync::Arc<dyn Conntrack>,
 }
 
 impl std::fmt::Debug for ConntrackQueue {
@@ -126,12 +140,14 @@ impl ConntrackQueue {
     /// Starts the worker; it ends when the queue is dropped.
     pub fn spawn(conntrack: Box<dyn Conntrack>) -> Self {
         use std::sync::atomic::Ordering;
+        let conntrack: std::sync::Arc<dyn Conntrack> = std::sync::Arc::from(conntrack);
+        let shared = std::sync::Arc::clone(&conntrack);
         let (tx, rx) = std::sync::mpsc::channel::<Flush>();
         let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = std::sync::Arc::clone(&pending);
         std::thread::spawn(move || {
             for (key, port, keep, context) in rx {
-                if let Err(e) = conntrack.flush_stale(key, port, &keep) {
+                if let Err(e) = shared.flush_stale(key, port, &keep) {
                     tracing::warn!(context = %context, error = %e, "conntrack flush failed");
                 }
                 counter.fetch_sub(1, Ordering::SeqCst);
@@ -140,7 +156,19 @@ impl ConntrackQueue {
         ConntrackQueue {
             tx: std::sync::Mutex::new(tx),
             pending,
+            conntrack,
         }
+    }
+
+    /// Flushes every flow of `families` to `port` for `key` now, on the caller's thread (a
+    /// DEL answers only after its stale UDP/SCTP flows are gone).
+    pub fn flush_now(
+        &self,
+        key: PortKey,
+        port: u16,
+        families: &[IpFamily],
+    ) -> Result<(), ConntrackError> {
+        self.conntrack.flush_in(key, port, families)
     }
 
     /// Queues a flush of `port` for `key`, keeping flows already translated to `keep`
@@ -210,13 +238,94 @@ mod nl {
     pub const CTA_PROTO_NUM: u16 = 1;
     pub const CTA_PROTO_SRC_PORT: u16 = 2;
     pub const CTA_PROTO_DST_PORT: u16 = 3;
+    /// Kernel-side filtering of a dump (Linux 5.8 on): which fields of CTA_TUPLE_ORIG
+    /// an entry must match.
+    pub const CTA_FILTER: u16 = 25;
+    pub const CTA_FILTER_ORIG_FLAGS: u16 = 1;
+    pub const CTA_FILTER_FLAG_CTA_IP_DST: u32 = 1 << 1;
+    pub const CTA_FILTER_FLAG_CTA_PROTO_NUM: u32 = 1 << 3;
+    pub const CTA_FILTER_FLAG_CTA_PROTO_DST_PORT: u32 = 1 << 5;
+    pub const NLA_F_NESTED: u16 = 1 << 15;
+    pub const AF_INET: u8 = 2;
+    pub const AF_INET6: u8 = 10;
+}
+
+/// The body of a ctnetlink dump that the kernel filters itself: only the entries of
+/// `family` whose original direction goes to `proto`/`port` (and `host_ip`, when set).
+/// Kernels before 5.8 ignore the filter and send every entry; the caller checks each
+/// entry anyway.
+pub(crate) fn filtered_dump_body(
+    proto: u8,
+    port: u16,
+    host_ip: Option<std::net::IpAddr>,
+) -> Vec<u8> {
+    use crate::netfilter::netlink::attr;
+    let nested = |kind: u16, parts: &[Vec<u8>]| attr(kind | nl::NLA_F_NESTED, &parts.concat());
+    let mut tuple = Vec::new();
+    let mut flags = nl::CTA_FILTER_FLAG_CTA_PROTO_NUM | nl::CTA_FILTER_FLAG_CTA_PROTO_DST_PORT;
+    if let Some(ip) = host_ip {
+        flags |= nl::CTA_FILTER_FLAG_CTA_IP_DST;
+        let ip_attr = match ip {
+            std::net::IpAddr::V4(v4) => attr(nl::CTA_IP_V4_DST, &v4.octets()),
+            std::net::IpAddr::V6(v6) => attr(nl::CTA_IP_V6_DST, &v6.octets()),
+        };
+        tuple.push(nested(nl::CTA_TUPLE_IP, &[ip_attr]));
+    }
+    tuple.push(nested(
+        nl::CTA_TUPLE_PROTO,
+        &[
+            attr(nl::CTA_PROTO_NUM, &[proto]),
+            attr(nl::CTA_PROTO_DST_PORT, &port.to_be_bytes()),
+        ],
+    ));
+    [
+        nested(nl::CTA_TUPLE_ORIG, &tuple),
+        nested(
+            nl::CTA_FILTER,
+            &[attr(nl::CTA_FILTER_ORIG_FLAGS, &flags.to_ne_bytes())],
+        ),
+    ]
+    .concat()
 }
 
 impl NetlinkConntrack {
     /// The original-direction tuples (with their nfgenmsg family) of every entry for
-    /// `port` and `key`, except those whose replies come from one of `keep`.
+    /// `port` and `key`, except those whose replies come from one of `keep`: one dump per
+    /// address family, filtered by the kernel (so a flush costs about the same with
+    /// 100,000 unrelated entries as with none), and each entry checked here too.
     fn matching(
         socket: &std::os::fd::OwnedFd,
+        key: PortKey,
+        port: u16,
+        keep: &[std::net::SocketAddr],
+        families: &[IpFamily],
+    ) -> std::io::Result<Vec<(u8, Vec<u8>)>> {
+        let families: Vec<u8> = families
+            .iter()
+            .filter(|f| key.host_ip.is_none_or(|ip| IpFamily::of(&ip) == **f))
+            .map(|f| match f {
+                IpFamily::V4 => nl::AF_INET,
+                IpFamily::V6 => nl::AF_INET6,
+            })
+            .collect();
+        let mut found = Vec::new();
+        for (seq, family) in families.iter().enumerate() {
+            found.extend(Self::matching_in(
+                socket,
+                *family,
+                seq as u32 + 1,
+                key,
+                port,
+                keep,
+            )?);
+        }
+        Ok(found)
+    }
+
+    fn matching_in(
+        socket: &std::os::fd::OwnedFd,
+        family: u8,
+        seq: u32,
         key: PortKey,
         port: u16,
         keep: &[std::net::SocketAddr],
@@ -230,9 +339,9 @@ impl NetlinkConntrack {
         let request = nl::message(
             nl::CTNETLINK | nl::IPCTNL_MSG_CT_GET,
             nl::NLM_F_REQUEST | nl::NLM_F_DUMP,
-            1,
-            0,
-            &[],
+            seq,
+            family,
+            &filtered_dump_body(proto, port, key.host_ip),
         );
         let to = nix::sys::socket::NetlinkAddr::new(0, 0);
         nix::sys::socket::sendto(
@@ -323,6 +432,27 @@ impl Conntrack for NetlinkConntrack {
         port: u16,
         pods: &[std::net::SocketAddr],
     ) -> Result<(), ConntrackError> {
+        self.flush_with(key, port, pods, &[IpFamily::V4, IpFamily::V6])
+    }
+
+    fn flush_in(
+        &self,
+        key: PortKey,
+        port: u16,
+        families: &[IpFamily],
+    ) -> Result<(), ConntrackError> {
+        self.flush_with(key, port, &[], families)
+    }
+}
+
+impl NetlinkConntrack {
+    fn flush_with(
+        &self,
+        key: PortKey,
+        port: u16,
+        pods: &[std::net::SocketAddr],
+        families: &[IpFamily],
+    ) -> Result<(), ConntrackError> {
         use nix::sys::socket::{MsgFlags, NetlinkAddr, recv, sendto};
         use std::os::fd::AsRawFd;
         let fail = |e: &dyn std::fmt::Display| ConntrackError {
@@ -331,14 +461,14 @@ impl Conntrack for NetlinkConntrack {
             reason: format!("ctnetlink: {e}"),
         };
         let sock = crate::netfilter::netlink::socket().map_err(|e| fail(&e))?;
-        let entries = Self::matching(&sock, key, port, pods).map_err(|e| fail(&e))?;
+        let entries = Self::matching(&sock, key, port, pods, families).map_err(|e| fail(&e))?;
         let to = NetlinkAddr::new(0, 0);
         let mut buf = vec![0u8; 8192];
         for (seq, (family, tuple)) in entries.iter().enumerate() {
             let msg = nl::message(
                 nl::CTNETLINK | nl::IPCTNL_MSG_CT_DELETE,
                 nl::NLM_F_REQUEST | nl::NLM_F_ACK,
-                seq as u32 + 2,
+                seq as u32 + 3,
                 *family,
                 tuple,
             );
@@ -366,6 +496,8 @@ pub struct FakeConntrack {
     pub flushed: std::sync::Mutex<Vec<(PortKey, u16)>>,
     /// The pod addresses each flush kept, in the same order (empty after a DEL).
     pub kept: std::sync::Mutex<Vec<Vec<std::net::SocketAddr>>>,
+    /// Where a flush stops while closed.
+    pub gate: crate::testing::Gate,
 }
 
 #[cfg(any(test, feature = "testing"))]
@@ -376,6 +508,7 @@ impl Conntrack for FakeConntrack {
         port: u16,
         pods: &[std::net::SocketAddr],
     ) -> Result<(), ConntrackError> {
+        self.gate.pass();
         self.flushed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
