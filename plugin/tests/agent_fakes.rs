@@ -1426,7 +1426,12 @@ fn del_answers_only_after_the_udp_flows_of_its_ports_are_flushed() {
         .unwrap()
         .unwrap();
     assert!(node.agent.conntrack_idle(WAIT), "the ADD's flush is done");
-    let udp = record.mappings.iter().find(|m| m.protocol == Protocol::Udp).unwrap().host_port;
+    let udp = record
+        .mappings
+        .iter()
+        .find(|m| m.protocol == Protocol::Udp)
+        .unwrap()
+        .host_port;
     node.conntrack.gate.close();
     std::thread::scope(|s| {
         let del = s.spawn(|| del_sb1(&node));
@@ -1438,4 +1443,43 @@ fn del_answers_only_after_the_udp_flows_of_its_ports_are_flushed() {
     });
     let flushed = node.conntrack.flushed.lock().unwrap().clone();
     assert_eq!(flushed.last().map(|f| f.1), Some(udp));
+}
+
+#[test]
+fn a_late_del_of_a_stale_sandbox_keeps_what_the_pods_new_sandbox_shares() {
+    // The old sandbox's record is still there (its DEL is late) and the new sandbox has
+    // the same pod address: the removal must not take their shared hairpin element.
+    let state = Arc::new(MemoryStateStore::default());
+    state
+        .save(&record_for("web-0", "old", "198.18.0.5", 20001))
+        .unwrap();
+    state
+        .save(&record_for("web-0", "new", "198.18.0.5", 20002))
+        .unwrap();
+    let pods = Arc::new(FakePodSource::default());
+    pods.put(pod(
+        "web-0",
+        Some("[]"),
+        vec![ContainerPort::new("web", 80, Protocol::Tcp)],
+    ));
+    let node = node_with("20000-20099", state, pods);
+    node.agent.start().unwrap();
+    node.firewall.calls.lock().unwrap().clear();
+    node.agent.del(&SandboxId("old".into())).unwrap();
+    // The fake cannot remove part of a sandbox: it rebuilds without the old one, which
+    // is what a backend without a shared-element removal does.
+    assert_eq!(*node.firewall.calls.lock().unwrap(), vec!["replace_all(1)"]);
+    assert!(
+        node.firewall
+            .present
+            .lock()
+            .unwrap()
+            .contains_key(&SandboxId("new".into()))
+    );
+    // Unshared: the usual removal.
+    node.agent.del(&SandboxId("new".into())).unwrap();
+    assert_eq!(
+        node.firewall.calls.lock().unwrap().last().unwrap(),
+        "remove(new)"
+    );
 }

@@ -326,3 +326,41 @@ fn netlink_element_batches_leave_the_table_nft_f_of_the_rendered_text_leaves() {
         "{err}"
     );
 }
+
+/// Two sandboxes with one pod address (a stale record beside the pod's new sandbox) share
+/// the hairpin element `podIP . podIP`: removing the stale one keeps it for the other.
+#[test]
+fn removing_a_sandbox_keeps_the_hairpin_element_another_sandbox_shares() {
+    if !root_and_tools_or_skip(
+        "removing_a_sandbox_keeps_the_hairpin_element_another_sandbox_shares",
+        &["nft"],
+    ) {
+        return;
+    }
+    use randport_plugin::netfilter::netlink::Reading;
+    use randport_plugin::netfilter::nft_elements;
+    let ns = test_netns("hairpin");
+    let fw = NftFirewall::new("randport");
+    let old = examples::one_tcp();
+    let mut new = examples::one_tcp();
+    new.sandbox = randport_core::SandboxId("newer0sandbox".into());
+    new.mappings[0].host_port += 1;
+    let hairpins = |ns: &randport_itests::Netns| -> usize {
+        let read = ns.inside(|| nft_elements::read("randport", &["hairpin4"]).unwrap());
+        match read {
+            Reading::Read(elements) => elements.len(),
+            Reading::Interrupted => panic!("interrupted"),
+        }
+    };
+    for keep in [true, false] {
+        let (f, both) = (fw.clone(), vec![old.clone(), new.clone()]);
+        ns.inside(move || f.replace_all(&both)).unwrap();
+        assert_eq!(hairpins(&ns), 1, "one element for the shared address");
+        let shared = if keep { old.pod_ips.clone() } else { vec![] };
+        let (f, o, n) = (fw.clone(), old.clone(), new.clone());
+        ns.inside(move || f.remove_keeping(&o, &shared, &|| vec![n.clone()]))
+            .unwrap();
+        // Kept when the agent says the address is shared; without it, gone (the bug).
+        assert_eq!(hairpins(&ns), usize::from(keep), "keep = {keep}");
+    }
+}

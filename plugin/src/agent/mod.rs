@@ -1127,7 +1127,19 @@ impl Agent {
             &*self.firewall,
             &*self.state,
             &record,
-            &|| self.lock().others(sandbox),
+            &crate::agent::removal::Others {
+                all: &|| self.lock().others(sandbox),
+                sharing: &|record| {
+                    let inner = self.lock();
+                    crate::agent::removal::shared_addresses(
+                        record,
+                        inner
+                            .records
+                            .values()
+                            .filter(|r| !inner.removing.contains(&r.sandbox)),
+                    )
+                },
+            },
             // Before DEL answers: a stale UDP/SCTP flow must not follow the pod's address to
             // the next pod given it. A failure is not the DEL's: the flush is queued again
             // for the worker (and logged), and the DEL goes on.

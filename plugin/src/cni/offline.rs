@@ -211,7 +211,10 @@ pub fn remove_sandbox(
         &*firewall(read_info(state_dir))?,
         &store,
         record,
-        &remaining,
+        &crate::agent::removal::Others {
+            all: &remaining,
+            sharing: &|record| crate::agent::removal::shared_addresses(record, &records),
+        },
         &mut |record| {
             record
                 .owned()

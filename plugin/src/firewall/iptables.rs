@@ -160,6 +160,17 @@ impl Firewall for IptablesFirewall {
         Ok(())
     }
 
+    /// Every rule is tagged with its sandbox, hairpin ones too: removing one sandbox's
+    /// never touches another's, whatever addresses they share.
+    fn remove_keeping(
+        &self,
+        record: &SandboxRecord,
+        _shared: &[std::net::IpAddr],
+        remaining: &dyn Fn() -> Vec<SandboxRecord>,
+    ) -> Result<(), FirewallError> {
+        self.remove_or_rebuild(record, remaining)
+    }
+
     fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError> {
         let tag = record.sandbox.tag();
         for family in FAMILIES {

@@ -82,6 +82,22 @@ pub trait Firewall: Send + Sync {
     ) -> Result<(), FirewallError> {
         self.remove(record, &remaining())
     }
+    /// [`Firewall::remove_or_rebuild`] while other sandboxes have some of this one's pod
+    /// addresses (`shared`: a stale record beside the pod's new sandbox): what is keyed
+    /// by the address alone (nftables' hairpin element) stays, for them. By default a
+    /// rebuild without the sandbox.
+    fn remove_keeping(
+        &self,
+        record: &SandboxRecord,
+        shared: &[std::net::IpAddr],
+        remaining: &dyn Fn() -> Vec<SandboxRecord>,
+    ) -> Result<(), FirewallError> {
+        if shared.is_empty() {
+            self.remove_or_rebuild(record, remaining)
+        } else {
+            self.replace_all(&remaining())
+        }
+    }
     /// Whether this sandbox's rules or elements are present exactly as rendered: none
     /// missing, changed or extra.
     fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError>;
@@ -243,6 +259,14 @@ impl<T: Firewall + ?Sized> Firewall for std::sync::Arc<T> {
         remaining: &dyn Fn() -> Vec<SandboxRecord>,
     ) -> Result<(), FirewallError> {
         (**self).remove_or_rebuild(record, remaining)
+    }
+    fn remove_keeping(
+        &self,
+        record: &SandboxRecord,
+        shared: &[std::net::IpAddr],
+        remaining: &dyn Fn() -> Vec<SandboxRecord>,
+    ) -> Result<(), FirewallError> {
+        (**self).remove_keeping(record, shared, remaining)
     }
     fn verify(&self, record: &SandboxRecord) -> Result<bool, FirewallError> {
         (**self).verify(record)

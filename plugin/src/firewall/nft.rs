@@ -205,7 +205,24 @@ impl Firewall for NftFirewall {
         record: &SandboxRecord,
         remaining: &dyn Fn() -> Vec<SandboxRecord>,
     ) -> Result<(), FirewallError> {
-        let elements = nft::elements(record);
+        self.remove_keeping(record, &[], remaining)
+    }
+
+    fn remove_keeping(
+        &self,
+        record: &SandboxRecord,
+        shared: &[std::net::IpAddr],
+        remaining: &dyn Fn() -> Vec<SandboxRecord>,
+    ) -> Result<(), FirewallError> {
+        // A hairpin element is keyed by the pod address alone: another sandbox with the
+        // same address (the pod's new one, beside a stale record) needs it still.
+        let elements: Vec<nft::SetElement> = nft::elements(record)
+            .into_iter()
+            .filter(|e| {
+                !(e.value.is_none()
+                    && matches!(e.key.first(), Some(nft::Field::Ip(ip)) if shared.contains(ip)))
+            })
+            .collect();
         let ops: Vec<(Op, &nft::SetElement)> = elements.iter().map(|e| (Op::Remove, e)).collect();
         match self.kernel.apply_elements(&self.table, &ops) {
             Ok(()) => Ok(()),
