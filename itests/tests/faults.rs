@@ -436,3 +436,62 @@ fn bad_pods_get_clear_errors_and_change_nothing() {
         assert_checks(&format!("after the bad pod {name}"), &consistent(&c, true));
     }
 }
+
+/// What a power loss or a crash can leave in the state directory stops nothing: the real
+/// agent, restarted over an empty, a truncated and a garbage record and an unfinished
+/// write beside real ones, starts, keeps every real mapping answering, moves the bad files
+/// aside and removes the leftover; a DEL with the agent down works beside them too.
+#[test]
+fn bad_state_files_stop_neither_the_agent_nor_a_del_without_it() {
+    if !root_or_skip("bad_state_files_stop_neither_the_agent_nor_a_del_without_it") {
+        return;
+    }
+    let mut c = cluster("nftables", "20000-29999");
+    c.add_pod(tcp_pod("a")).unwrap();
+    c.add_pod(tcp_pod("b")).unwrap();
+    let state = c.nodes[0].dir.join("state");
+    let bad: [(&str, &[u8]); 3] = [
+        ("empty.json", b""),
+        (
+            "truncated.json",
+            b"{\"formatVersion\": 2, \"sandbox\": \"trunc",
+        ),
+        ("garbage.json", b"\x00\x01\x02 not json"),
+    ];
+    let plant = |state: &std::path::Path| {
+        for (name, bytes) in bad {
+            std::fs::write(state.join(name), bytes).unwrap();
+        }
+        std::fs::write(state.join("c.json.tmp.4242"), b"{\"sandbox\"").unwrap();
+    };
+    c.kill_agent(0);
+    plant(&state);
+    c.start_agent(0)
+        .unwrap_or_else(|e| panic!("the agent did not start beside bad records: {e:#}"));
+    assert_checks("after the restart over bad files", &consistent(&c, true));
+    for (name, _) in bad {
+        assert!(
+            state.join(format!("{name}.corrupt")).exists(),
+            "{name} not moved aside"
+        );
+        assert!(!state.join(name).exists(), "{name} still in the way");
+    }
+    assert!(
+        !state.join("c.json.tmp.4242").exists(),
+        "the unfinished write is still there"
+    );
+    let log = std::fs::read_to_string(c.nodes[0].log()).unwrap();
+    assert!(
+        log.contains("moved aside to"),
+        "nothing said about it:\n{log}"
+    );
+    // A new pod maps as usual.
+    c.add_pod(tcp_pod("c")).unwrap();
+    // With the agent down and bad files planted again, a DEL still removes its pod.
+    c.kill_agent(0);
+    plant(&state);
+    c.delete_pod("a")
+        .unwrap_or_else(|e| panic!("DEL without the agent beside bad records: {e:#}"));
+    c.start_agent(0).unwrap();
+    assert_checks("after the DEL without the agent", &consistent(&c, true));
+}
