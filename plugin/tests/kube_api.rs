@@ -925,3 +925,36 @@ fn repeated_failures_of_a_pod_are_one_event_that_counts_them() {
         2
     );
 }
+
+#[test]
+fn a_pod_whose_spec_cannot_be_read_keeps_its_mapping_at_startup() {
+    let mock = Mock::start(vec![pod("odd", NODE, json!({KEY: ""}))], |_| {}).synced();
+    let records = Arc::new(MemoryStateStore::default());
+    let first = node(&mock, Arc::clone(&records));
+    first.agent.start().unwrap();
+    first
+        .agent
+        .add(&add_request("odd", "sb-odd"))
+        .unwrap()
+        .unwrap();
+    drop(first);
+    // Its spec changes into something this agent cannot read (a protocol it does not
+    // know): the pod is still there, and so must its mapping be.
+    {
+        let mut state = mock.state();
+        let key = ("shop".to_owned(), "odd".to_owned());
+        let mut pod = state.pods[&key].clone();
+        pod["spec"]["containers"][0]["ports"][0]["protocol"] = json!("QUIC");
+        state.pods.insert(key, pod.clone());
+        state.event("MODIFIED", &pod);
+    }
+    mock.wait_for("the watch to see the change", |m| {
+        m.source.get(&pod_ref("odd")).is_err()
+    });
+    let second = node(&mock, Arc::clone(&records));
+    let report = second.agent.start().unwrap();
+    assert_eq!(report.restored, 1);
+    assert!(report.released.is_empty(), "{report:?}");
+    assert_eq!(second.agent.list().len(), 1);
+    assert_eq!(records.load_all().unwrap().len(), 1);
+}

@@ -612,11 +612,30 @@ impl PodSource for KubePodSource {
                 ),
             });
         }
+        // A pod whose spec cannot be read is still a pod of this node: it is listed by
+        // its identity (no ports, no annotation), so that the reconciliation at start
+        // keeps its mappings instead of taking it for gone, and said so.
         let mut pods: Vec<PodInfo> = self
             .store
             .state()
             .iter()
-            .filter_map(|pod| self.info(pod).ok())
+            .map(|pod| {
+                self.info(pod).unwrap_or_else(|e| {
+                    let mut id = PodRef::new(pod.namespace().unwrap_or_default(), pod.name_any());
+                    id.uid = pod.uid().unwrap_or_default();
+                    tracing::warn!(
+                        pod = %id,
+                        error = %e,
+                        "cannot read this pod's spec; its mappings are kept as they are"
+                    );
+                    PodInfo {
+                        pod: id,
+                        node_name: Some(self.settings.node_name.clone()),
+                        ports: Vec::new(),
+                        annotation: None,
+                    }
+                })
+            })
             .collect();
         pods.sort_by(|a, b| a.pod.cmp(&b.pod));
         Ok(pods)
