@@ -11,16 +11,7 @@ use std::time::{Duration, Instant};
 
 use randport_core::{IpFamily, PortKey, Protocol};
 use randport_plugin::netfilter::conntrack::{Conntrack, ConntrackTool, NetlinkConntrack};
-
-fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
-    let len = 4 + payload.len();
-    let mut b = Vec::with_capacity((len + 3) & !3);
-    b.extend((len as u16).to_ne_bytes());
-    b.extend(kind.to_ne_bytes());
-    b.extend(payload);
-    b.resize((len + 3) & !3, 0);
-    b
-}
+use randport_plugin::netfilter::netlink::{attr, message};
 
 fn nested(kind: u16, parts: &[Vec<u8>]) -> Vec<u8> {
     attr(kind | 0x8000, &parts.concat())
@@ -42,19 +33,6 @@ fn tuple(kind: u16, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u
             ),
         ],
     )
-}
-
-fn message(kind: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
-    let len = 16 + 4 + payload.len();
-    let mut m = Vec::with_capacity(len);
-    m.extend((len as u32).to_ne_bytes());
-    m.extend(kind.to_ne_bytes());
-    m.extend(flags.to_ne_bytes());
-    m.extend(seq.to_ne_bytes());
-    m.extend(0u32.to_ne_bytes());
-    m.extend([2u8, 0, 0, 0]); // AF_INET, version 0, res_id 0
-    m.extend(payload);
-    m
 }
 
 fn socket() -> OwnedFd {
@@ -85,7 +63,8 @@ fn fill(n: usize) {
         ]
         .concat();
         // IPCTNL_MSG_CT_NEW, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK
-        let msg = message(1 << 8, 0x1 | 0x400 | 0x4, i as u32, &body);
+        // AF_INET
+        let msg = message(1 << 8, 0x1 | 0x400 | 0x4, i as u32, 2, &body);
         nix::sys::socket::sendto(
             sock.as_raw_fd(),
             &msg,

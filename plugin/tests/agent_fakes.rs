@@ -1228,17 +1228,13 @@ fn record_for(name: &str, sandbox: &str, ip: &str, port: u16) -> randport_core::
     }
 }
 
-#[test]
-fn at_start_the_newest_sandbox_of_a_pod_writes_its_annotation() {
-    // Two sandboxes of one pod recorded (the old one's DEL never came); the newer one's
-    // id sorts first, so an order by id would pick the older.
+/// An agent started over two records of pod web-0 (sandbox, address), the older first,
+/// on ports 20001 and 20002.
+fn started_with_two_sandboxes_of_web_0(older: (&str, &str), newer: (&str, &str)) -> Node {
     let state = Arc::new(MemoryStateStore::default());
-    state
-        .save(&record_for("web-0", "zzz-old", "198.18.0.5", 20001))
-        .unwrap();
-    state
-        .save(&record_for("web-0", "aaa-new", "198.18.0.6", 20002))
-        .unwrap();
+    for ((sandbox, ip), port) in [(older, 20001), (newer, 20002)] {
+        state.save(&record_for("web-0", sandbox, ip, port)).unwrap();
+    }
     let pods = Arc::new(FakePodSource::default());
     pods.put(pod(
         "web-0",
@@ -1247,6 +1243,15 @@ fn at_start_the_newest_sandbox_of_a_pod_writes_its_annotation() {
     ));
     let node = node_with("20000-20099", state, pods);
     node.agent.start().unwrap();
+    node
+}
+
+#[test]
+fn at_start_the_newest_sandbox_of_a_pod_writes_its_annotation() {
+    // Two sandboxes of one pod recorded (the old one's DEL never came); the newer one's
+    // id sorts first, so an order by id would pick the older.
+    let node =
+        started_with_two_sandboxes_of_web_0(("zzz-old", "198.18.0.5"), ("aaa-new", "198.18.0.6"));
     let writes = node.pods.writes.lock().unwrap().clone();
     assert_eq!(writes.len(), 1, "{writes:?}");
     assert!(
@@ -1449,21 +1454,7 @@ fn del_answers_only_after_the_udp_flows_of_its_ports_are_flushed() {
 fn a_late_del_of_a_stale_sandbox_keeps_what_the_pods_new_sandbox_shares() {
     // The old sandbox's record is still there (its DEL is late) and the new sandbox has
     // the same pod address: the removal must not take their shared hairpin element.
-    let state = Arc::new(MemoryStateStore::default());
-    state
-        .save(&record_for("web-0", "old", "198.18.0.5", 20001))
-        .unwrap();
-    state
-        .save(&record_for("web-0", "new", "198.18.0.5", 20002))
-        .unwrap();
-    let pods = Arc::new(FakePodSource::default());
-    pods.put(pod(
-        "web-0",
-        Some("[]"),
-        vec![ContainerPort::new("web", 80, Protocol::Tcp)],
-    ));
-    let node = node_with("20000-20099", state, pods);
-    node.agent.start().unwrap();
+    let node = started_with_two_sandboxes_of_web_0(("old", "198.18.0.5"), ("new", "198.18.0.5"));
     node.firewall.calls.lock().unwrap().clear();
     node.agent.del(&SandboxId("old".into())).unwrap();
     // The fake cannot remove part of a sandbox: it rebuilds without the old one, which

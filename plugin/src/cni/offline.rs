@@ -248,7 +248,8 @@ mod tests {
             network: None,
             sandbox: SandboxId(sandbox.into()),
             pod: PodRef::new("shop", sandbox),
-            pod_ips: vec!["198.18.0.5".parse().unwrap()],
+            // One address per sandbox (two sandboxes of one address share elements).
+            pod_ips: vec![std::net::IpAddr::from([198, 18, 0, (port % 250) as u8])],
             mappings: vec![
                 Mapping {
                     container: "web".into(),

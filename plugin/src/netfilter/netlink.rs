@@ -16,7 +16,7 @@ const NFT_MSG_GETGEN: u16 = 16;
 const NFTA_GEN_ID: u16 = 1;
 
 /// A netlink message with an nfgenmsg header for `family` and `payload` attributes.
-pub(crate) fn message(kind: u16, flags: u16, seq: u32, family: u8, payload: &[u8]) -> Vec<u8> {
+pub fn message(kind: u16, flags: u16, seq: u32, family: u8, payload: &[u8]) -> Vec<u8> {
     message_for(kind, flags, seq, family, 0, payload)
 }
 
@@ -180,7 +180,7 @@ const NLM_F_DUMP_INTR: u16 = 0x10;
 const NFPROTO_INET: u8 = 1;
 
 /// One netlink attribute: type, payload, padding.
-pub(crate) fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
+pub fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
     let len = 4 + payload.len();
     let mut b = Vec::with_capacity((len + 3) & !3);
     b.extend((len as u16).to_ne_bytes());
