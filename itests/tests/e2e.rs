@@ -1926,36 +1926,102 @@ async fn the_chart_runs_on_the_node_maps_pods_rolls_and_uninstalls() {
     helm_ok(&["uninstall", "randport-live", "-n", AGENT_NS]);
 }
 
-/// A TCP proxy of the test's own in front of the real API server (TLS passes through): it
-/// can hold every byte (the API server stops answering) or cut every connection (resets).
+/// What the [`ApiProxy`] does with the agent's traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProxyMode {
+    /// Passes every byte both ways.
+    Pass,
+    /// Holds every byte: the API server "does not answer".
+    Stall,
+    /// Cuts every connection, and every new one at once.
+    Reset,
+    /// Cuts every connection, and answers every new request with this HTTP status.
+    Answer(u16),
+}
+
+impl ProxyMode {
+    fn code(self) -> u16 {
+        match self {
+            ProxyMode::Pass => 0,
+            ProxyMode::Stall => 1,
+            ProxyMode::Reset => 2,
+            ProxyMode::Answer(status) => status,
+        }
+    }
+
+    fn of(code: u16) -> ProxyMode {
+        match code {
+            0 => ProxyMode::Pass,
+            1 => ProxyMode::Stall,
+            2 => ProxyMode::Reset,
+            status => ProxyMode::Answer(status),
+        }
+    }
+}
+
+/// A TCP proxy of the test's own between the agent and `kubectl proxy` (which passes the
+/// requests on to the real API server with the cluster's credentials): it passes, holds
+/// or cuts every byte, or answers every request itself with an HTTP error.
 struct ApiProxy {
     addr: SocketAddr,
-    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    resetting: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU16>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Answers one request on `client` with `status` (its head read first), then closes.
+fn answer_with(mut client: TcpStream, status: u16) {
+    let _ = client.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
+        match client.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+    }
+    let reason = if status == 429 {
+        "TooManyRequests"
+    } else {
+        "InternalError"
+    };
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                      "message": format!("injected by the test's proxy: {status}"),
+                      "reason": reason, "code": status})
+    .to_string();
+    let _ = write!(
+        client,
+        "HTTP/1.1 {status} Injected\r\nContent-Type: application/json\r\nRetry-After: 1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }
 
 impl ApiProxy {
     fn start(upstream: SocketAddr) -> ApiProxy {
         use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        use std::sync::atomic::{AtomicBool, AtomicU16, Ordering::SeqCst};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let (stalled, resetting, stop) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicBool::new(false)),
+        let (mode, stop) = (
+            Arc::new(AtomicU16::new(0)),
             Arc::new(AtomicBool::new(false)),
         );
-        let (s, r, st) = (stalled.clone(), resetting.clone(), stop.clone());
+        let (m, st) = (mode.clone(), stop.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 if st.load(SeqCst) {
                     return;
                 }
                 let Ok(client) = client else { continue };
-                if r.load(SeqCst) {
-                    drop(client);
-                    continue;
+                match ProxyMode::of(m.load(SeqCst)) {
+                    ProxyMode::Reset => {
+                        drop(client);
+                        continue;
+                    }
+                    ProxyMode::Answer(status) => {
+                        std::thread::spawn(move || answer_with(client, status));
+                        continue;
+                    }
+                    ProxyMode::Pass | ProxyMode::Stall => {}
                 }
                 let Ok(server) = TcpStream::connect_timeout(&upstream, Duration::from_secs(5))
                 else {
@@ -1965,12 +2031,18 @@ impl ApiProxy {
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
                 ] {
-                    let (s, r, st) = (s.clone(), r.clone(), st.clone());
+                    let (m, st) = (m.clone(), st.clone());
                     std::thread::spawn(move || {
                         let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
                         let mut buf = [0u8; 16 * 1024];
+                        let cut = |m: &AtomicU16| {
+                            matches!(
+                                ProxyMode::of(m.load(SeqCst)),
+                                ProxyMode::Reset | ProxyMode::Answer(_)
+                            )
+                        };
                         loop {
-                            if r.load(SeqCst) || st.load(SeqCst) {
+                            if cut(&m) || st.load(SeqCst) {
                                 let _ = from.shutdown(std::net::Shutdown::Both);
                                 let _ = to.shutdown(std::net::Shutdown::Both);
                                 return;
@@ -1990,7 +2062,9 @@ impl ApiProxy {
                                 Err(_) => break,
                             };
                             // Held while stalled: the API server "does not answer".
-                            while s.load(SeqCst) && !r.load(SeqCst) && !st.load(SeqCst) {
+                            while ProxyMode::of(m.load(SeqCst)) == ProxyMode::Stall
+                                && !st.load(SeqCst)
+                            {
                                 std::thread::sleep(Duration::from_millis(10));
                             }
                             if to.write_all(&buf[..n]).is_err() {
@@ -2002,18 +2076,12 @@ impl ApiProxy {
                 }
             }
         });
-        ApiProxy {
-            addr,
-            stalled,
-            resetting,
-            stop,
-        }
+        ApiProxy { addr, mode, stop }
     }
 
-    fn set(&self, stalled: bool, resetting: bool) {
-        use std::sync::atomic::Ordering::SeqCst;
-        self.stalled.store(stalled, SeqCst);
-        self.resetting.store(resetting, SeqCst);
+    fn set(&self, mode: ProxyMode) {
+        self.mode
+            .store(mode.code(), std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -2021,6 +2089,51 @@ impl Drop for ApiProxy {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// `kubectl proxy` on a loopback port: plain HTTP in, the cluster's credentials and TLS out.
+struct KubectlProxy {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl KubectlProxy {
+    fn start() -> KubectlProxy {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = kubectl()
+            .args([
+                "proxy",
+                "--address",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting kubectl proxy");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let started = Instant::now();
+        while TcpStream::connect(addr).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "kubectl proxy never listened"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        KubectlProxy { child, addr }
+    }
+}
+
+impl Drop for KubectlProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -2119,14 +2232,15 @@ impl Drop for ProxiedAgent {
 }
 
 /// The worst of the failure model, against the real API server: it stops answering while
-/// an ADD waits on it (or cuts every connection), the runtime gives up on the plugin and
+/// an ADD waits on it (or cuts every connection, or answers 429 or 500), the runtime gives
+/// up on the plugin and
 /// sends DEL, which succeeds; then the API server answers again. The abandoned ADD must
 /// not map anything afterwards: its sandbox's pod IP goes to the next pod each time, and
 /// only that pod's mapping may name it. 200 rounds; then the agent's records, its held
 /// ports and the kernel's elements are all empty.
 #[tokio::test]
-async fn adds_abandoned_while_the_api_server_stalls_or_resets_leave_nothing() {
-    let test = "adds_abandoned_while_the_api_server_stalls_or_resets_leave_nothing";
+async fn adds_abandoned_while_the_api_server_stalls_resets_or_fails_leave_nothing() {
+    let test = "adds_abandoned_while_the_api_server_stalls_resets_or_fails_leave_nothing";
     if !cluster_or_skip(test) {
         return;
     }
@@ -2139,18 +2253,18 @@ async fn adds_abandoned_while_the_api_server_stalls_or_resets_leave_nothing() {
     let client = Client::try_default().await.unwrap();
     let ns = TestNamespace::create(&client, "proxied").await;
     let node = format!("rp-proxied-{}", run_id());
-    let upstream: SocketAddr = format!("{LOCAL_NODE_IP}:6443").parse().unwrap();
-    let proxy = ApiProxy::start(upstream);
+    let kubectl_proxy = KubectlProxy::start();
+    let proxy = ApiProxy::start(kubectl_proxy.addr);
 
     let dir = std::env::temp_dir().join(format!("rp-e2e-proxied-{}", run_id()));
     std::fs::create_dir_all(dir.join("state")).unwrap();
-    let kubeconfig = std::fs::read_to_string(std::env::var("KUBECONFIG").unwrap()).unwrap();
-    let kubeconfig = kubeconfig.replace(
-        &format!("https://{LOCAL_NODE_IP}:6443"),
-        &format!("https://{}", proxy.addr),
-    );
-    assert!(kubeconfig.contains(&proxy.addr.to_string()), "{kubeconfig}");
-    std::fs::write(dir.join("kubeconfig"), kubeconfig).unwrap();
+    let kubeconfig = json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": "proxied",
+        "clusters": [{"name": "proxied", "cluster": {"server": format!("http://{}", proxy.addr)}}],
+        "users": [{"name": "proxied", "user": {}}],
+        "contexts": [{"name": "proxied", "context": {"cluster": "proxied", "user": "proxied"}}]
+    });
+    std::fs::write(dir.join("kubeconfig"), kubeconfig.to_string()).unwrap();
     let bin_dir = std::env::var("RANDPORT_E2E_BIN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug")));
@@ -2165,7 +2279,7 @@ async fn adds_abandoned_while_the_api_server_stalls_or_resets_leave_nothing() {
             "--metrics-addr",
             "off",
         ])
-        .args(["--port-range", "41000-41999", "--socket"])
+        .args(["--port-range", "28000-28999", "--socket"])
         .arg(dir.join("randportd.sock"))
         .arg("--state-dir")
         .arg(dir.join("state"))
@@ -2207,8 +2321,14 @@ async fn adds_abandoned_while_the_api_server_stalls_or_resets_leave_nothing() {
                 .await
                 .unwrap();
         }
-        // Half the rounds the API server holds every byte, half it cuts every connection.
-        proxy.set(round % 2 == 0, round % 2 == 1);
+        // The API server holds every byte, cuts every connection, or answers 429 or 500.
+        let mode = [
+            ProxyMode::Stall,
+            ProxyMode::Reset,
+            ProxyMode::Answer(429),
+            ProxyMode::Answer(500),
+        ][round % 4];
+        proxy.set(mode);
         let abandoned = format!("abandoned{round}");
         let mut add = agent.plugin("ADD", &abandoned, (&ns.name, &old), ip);
         std::thread::sleep(Duration::from_millis(150));
@@ -2227,7 +2347,7 @@ async fn adds_abandoned_while_the_api_server_stalls_or_resets_leave_nothing() {
         let (deleted, out) = agent.plugin_ok("DEL", &abandoned, (&ns.name, &old), ip);
         assert!(deleted, "round {round}: DEL failed: {out}");
         // The API server answers again; the IP goes to the next pod.
-        proxy.set(false, false);
+        proxy.set(ProxyMode::Pass);
         let (added, out) = agent.plugin_ok("ADD", &format!("next{round}"), (&ns.name, &new), ip);
         assert!(added, "round {round}: the next pod's ADD failed: {out}");
         let with_ip: Vec<String> = agent
@@ -2252,7 +2372,7 @@ async fn adds_abandoned_while_the_api_server_stalls_or_resets_leave_nothing() {
         let elements = String::from_utf8_lossy(&table.stdout)
             .matches("\"elem\"")
             .count();
-        let held: Vec<u16> = (41000..=41999)
+        let held: Vec<u16> = (28000..=28999)
             .filter(|p| std::net::TcpListener::bind(("0.0.0.0", *p)).is_err())
             .collect();
         if records.is_empty() && elements == 0 && held.is_empty() {
@@ -2281,4 +2401,5 @@ async fn adds_abandoned_while_the_api_server_stalls_or_resets_leave_nothing() {
     );
     drop(agent);
     drop(proxy);
+    drop(kubectl_proxy);
 }
