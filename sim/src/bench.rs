@@ -735,8 +735,10 @@ fn latency_row(
         return Ok(());
     }
     // Against the floor on this kernel, interleaved so that both see the same moments:
-    // each ADD and DEL next to one element added and deleted with a bare nft exec, in the
-    // same table.
+    // each ADD and DEL next to one element added and deleted with a bare nft exec, in a
+    // map of the same type and size in a table of its own (the agent's watchdog removes
+    // elements of its own maps that no record names).
+    floor_table(c, existing)?;
     let (mut adds, mut dels, mut bare_adds, mut bare_dels) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for s in 0..spec.samples {
@@ -760,10 +762,30 @@ fn latency_row(
     Ok(())
 }
 
+/// The table the bare `nft` floor is measured in, on node 0.
+const FLOOR_TABLE: &str = "randport_floor";
+
+/// (Re)creates [`FLOOR_TABLE`] on node 0 with a `hostports4`-typed map of `size`
+/// elements, in one `nft -f`.
+fn floor_table(c: &Cluster, size: usize) -> Result<()> {
+    let mut script = format!(
+        "table inet {FLOOR_TABLE} {{}}\ndelete table inet {FLOOR_TABLE}\ntable inet {FLOOR_TABLE} {{\n\tmap hostports4 {{\n\t\ttype inet_proto . inet_service : ipv4_addr . inet_service\n\t}}\n}}\n"
+    );
+    for i in 0..size {
+        let _ = writeln!(
+            script,
+            "add element inet {FLOOR_TABLE} hostports4 {{ udp . {} : 198.18.31.2 . 80 }}",
+            20_000 + i
+        );
+    }
+    c.nodes[0].ns.run_ok("nft", &["-f", "-"], &script)?;
+    Ok(())
+}
+
 /// The latency table's name for a bare `nft add element` / `nft delete element`.
 pub const BARE_NFT: &str = "bare `nft add/delete element`";
 
-/// Element `s` (a port outside the agent's range) added to or deleted from our table on
+/// Element `s` added to or deleted from the floor table's map on
 /// node 0 with one `nft` exec from a thread in the node: how long it took.
 fn bare_nft(c: &Cluster, verb: &'static str, s: usize) -> Result<Duration> {
     let value = if verb == "add" {
@@ -772,7 +794,7 @@ fn bare_nft(c: &Cluster, verb: &'static str, s: usize) -> Result<Duration> {
         ""
     };
     let element = format!("hostports4 {{ tcp . {}{value} }}", 10_000 + s);
-    let args = format!("{verb} element inet randport {element}");
+    let args = format!("{verb} element inet {FLOOR_TABLE} {element}");
     let (ok, took) = c.nodes[0].ns.enter(move || {
         let started = Instant::now();
         let status = Command::new("nft")
@@ -783,7 +805,7 @@ fn bare_nft(c: &Cluster, verb: &'static str, s: usize) -> Result<Duration> {
         (status.is_ok_and(|s| s.success()), started.elapsed())
     })?;
     if !ok {
-        bail!("nft {verb} element inet randport {element} failed");
+        bail!("nft {verb} element inet {FLOOR_TABLE} {element} failed");
     }
     Ok(took)
 }
