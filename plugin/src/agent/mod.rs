@@ -963,7 +963,7 @@ impl Agent {
         drop(op);
         // 6. Conntrack, after the rules, on the worker. A failure leaves stale UDP
         // flows, not a broken mapping: it is logged, not undone.
-        self.flush_conntrack(&record, true);
+        self.flush_after_add(&record);
         // 7. Writeback, and a note on the pod for `kubectl describe`. The sandbox's lock
         // is not held while the API server is asked: a DEL of the sandbox meanwhile
         // removes it at once, and this ADD then finds itself cancelled.
@@ -1051,19 +1051,15 @@ impl Agent {
         }
     }
 
-    /// Queues the conntrack flushes of a sandbox's ports: after an ADD (`added`) the
-    /// flows already translated to the pod stay, after a DEL every flow goes.
-    fn flush_conntrack(&self, record: &SandboxRecord, added: bool) {
+    /// Queues the conntrack flushes of an added sandbox's ports: the flows already
+    /// translated to the pod stay (a DEL flushes every flow itself: `flush_removed`).
+    fn flush_after_add(&self, record: &SandboxRecord) {
         for m in record.owned().filter(|m| needs_flush(m.protocol)) {
-            let keep = if added {
-                record
-                    .pod_ips
-                    .iter()
-                    .map(|ip| std::net::SocketAddr::new(*ip, m.container_port))
-                    .collect()
-            } else {
-                Vec::new()
-            };
+            let keep = record
+                .pod_ips
+                .iter()
+                .map(|ip| std::net::SocketAddr::new(*ip, m.container_port))
+                .collect();
             let context = format!("pod {} sandbox {}", record.pod, record.sandbox);
             self.conntrack.enqueue(
                 PortKey::on(m.protocol, m.host_ip),
@@ -1372,10 +1368,10 @@ impl Agent {
         let (settled, in_flux) = self.lock().wanted_and_in_flux();
         // Read before the check: a change during it shows as a newer generation next time.
         let seen = self.firewall.generation().map(|generation| {
-            let both = [&settled[..], &in_flux[..]].concat();
             (
                 generation,
-                fingerprint(&both) ^ (in_flux.len() as u64).rotate_left(32),
+                fingerprint(settled.iter().chain(&in_flux))
+                    ^ (in_flux.len() as u64).rotate_left(32),
             )
         });
         let verified = || self.verified.lock().unwrap_or_else(|e| e.into_inner());
@@ -1512,7 +1508,7 @@ fn first_of_each_family(req: &AddRequest) -> Vec<std::net::IpAddr> {
 }
 
 /// What the records say the firewall must hold, as one number (for the watchdog's skip).
-fn fingerprint(records: &[SandboxRecord]) -> u64 {
+fn fingerprint<'a>(records: impl IntoIterator<Item = &'a SandboxRecord>) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::hash::DefaultHasher::new();
     for r in records {
