@@ -153,12 +153,22 @@ pub fn write_info(state_dir: &Path, info: &AgentInfo) -> std::io::Result<()> {
     write_atomic(&state_dir.join(INFO_FILE), &bytes)
 }
 
-/// The agent's settings, or the defaults when it never wrote them.
-pub fn read_info(state_dir: &Path) -> AgentInfo {
-    std::fs::read(state_dir.join(INFO_FILE))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default()
+/// The agent's settings, or the defaults when it never wrote them. A file that is there
+/// but cannot be read is an error: guessing the backend could leave the sandbox's rules
+/// in the other one while its record goes.
+pub fn read_info(state_dir: &Path) -> Result<AgentInfo, String> {
+    let path = state_dir.join(INFO_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            format!(
+                "{} cannot be read ({e}): which firewall backend randportd used is unknown, so \
+                 the mapping is left for randportd to remove when it is back",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentInfo::default()),
+        Err(e) => Err(format!("reading {}: {e}", path.display())),
+    }
 }
 
 /// Removes `sandbox`'s mappings with the agent down: takes the state lock (waiting up to
@@ -208,7 +218,7 @@ pub fn remove_sandbox(
             .collect()
     };
     let errors = crate::agent::removal::remove_sandbox(
-        &*firewall(read_info(state_dir))?,
+        &*firewall(read_info(state_dir)?)?,
         &store,
         record,
         &crate::agent::removal::Others {
@@ -488,6 +498,31 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_agent_info_keeps_the_record_for_the_agent() {
+        let dir = state_dir();
+        let store = DirStateStore::open(&dir).unwrap();
+        store.save(&record("sb1", 20000)).unwrap();
+        // What a power loss can leave of the agent's settings.
+        std::fs::write(dir.join(INFO_FILE), b"").unwrap();
+        let make = |_: AgentInfo| -> Result<Box<dyn Firewall>, String> {
+            panic!("no backend may be guessed")
+        };
+        let err = remove_sandbox(
+            &dir,
+            &SandboxId("sb1".into()),
+            &make,
+            &FakeConntrack::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("agent.info cannot be read") && err.contains("left for randportd"),
+            "{err}"
+        );
+        assert_eq!(store.load_all().unwrap().len(), 1, "the record stays");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
